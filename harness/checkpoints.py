@@ -1,0 +1,136 @@
+"""Run directories and checkpoints: atomic writes, a LATEST link, exact-resume state.
+
+A checkpoint dir (step-N/, epoch-N/) holds the reference-compatible files
+    policy.pt     {"step_idx", "state", "metrics"}
+    optimizer.pt  {"step_idx", "state", "metrics"}   (state = optimizer.state_dict())
+    scheduler.pt  {"step_idx", "state", "metrics"}
+plus trainer_state.pt (data position, counters, RNG states) for exact resume. Each dir is
+written under a temporary name and renamed into place, and LATEST is a symlink swapped with
+os.replace, so a crash at any moment leaves either the old or the new checkpoint, never half.
+"""
+
+import datetime
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "LATEST"
+
+
+def first_usable_dir(local_dirs) -> str:
+    """The first of `local_dirs` that exists and is writable, else the last one, created."""
+    for base in local_dirs:
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            return base
+    os.makedirs(local_dirs[-1], exist_ok=True)
+    return local_dirs[-1]
+
+
+def get_local_run_dir(exp_name: str, local_dirs) -> str:
+    """Create and return {first usable local_dir}/{exp_name}_{timestamp}, never an existing dir.
+
+    The timestamp has microseconds and creation is exclusive, so two runs started in the same
+    second (a sweep) never share a directory.
+    """
+    base = first_usable_dir(local_dirs)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    for attempt in range(100):
+        path = os.path.join(base, f"{exp_name}_{stamp}" + (f"_{attempt}" if attempt else ""))
+        try:
+            os.makedirs(path)
+            return os.path.abspath(path)
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run dir under {base}")
+
+
+def atomic_write_text(path, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, name: str, step_idx: int, metrics: dict, policy_state: dict,
+                    optimizer_state: dict | None, scheduler_state: dict | None,
+                    trainer_state: dict | None, extra_writer=None) -> Path:
+    """Write run_dir/name atomically and point LATEST at it. `extra_writer(tmp_dir)` may add
+    files (e.g. a Hugging Face export) inside the same atomic unit."""
+    run_dir = Path(run_dir)
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state,
+             "scheduler.pt": scheduler_state}
+    for fname, state in files.items():
+        if state is not None:
+            torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / fname)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    if extra_writer is not None:
+        extra_writer(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save after a step save)
+        old = run_dir / f".{name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _point_latest(run_dir, name)
+    return final
+
+
+def _point_latest(run_dir: Path, name: str):
+    link_tmp = run_dir / f".{LATEST}.tmp-{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(name, link_tmp)
+    os.replace(link_tmp, run_dir / LATEST)
+
+
+def prune_checkpoints(run_dir, keep_last: int | None):
+    """Delete all but the newest `keep_last` step-N dirs (epoch-N dirs and LATEST's target stay)."""
+    if not keep_last:
+        return
+    run_dir = Path(run_dir)
+    latest = os.path.realpath(run_dir / LATEST)
+    steps = sorted((p for p in run_dir.glob("step-*") if p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    for p in steps[:-keep_last]:
+        if os.path.realpath(p) != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_for_resume(run_dir) -> dict:
+    """The LATEST checkpoint of a run dir, for exact resume; clear errors when there is none."""
+    ckpt = Path(run_dir) / LATEST
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"resume={run_dir!r}: no such run directory")
+    if not (ckpt / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"resume={run_dir!r}: no complete checkpoint to resume from "
+                                f"({ckpt}/trainer_state.pt missing); start a fresh run instead")
+    load = lambda f: torch.load(ckpt / f, map_location="cpu", weights_only=False)  # noqa: E731
+    return {"dir": str(ckpt.resolve()), "policy": load("policy.pt"),
+            "optimizer": load("optimizer.pt"), "scheduler": load("scheduler.pt"),
+            "trainer": load("trainer_state.pt")}

@@ -1,0 +1,124 @@
+"""Model and tokenizer loading, and per-sequence log-probs without full [tokens, vocab] logits."""
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(name_or_path: str) -> str:
+    """A relative path that exists under the repo root (e.g. assets/tiny_model) works from any cwd;
+    anything else (a hub id, an absolute path) is returned unchanged."""
+    if name_or_path and not os.path.isabs(name_or_path) and not os.path.exists(name_or_path):
+        candidate = REPO_ROOT / name_or_path
+        if candidate.exists():
+            return str(candidate)
+    return name_or_path
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a local directory."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Fail early, naming the key, when a local model dir does not exist."""
+    path = resolve_path(name_or_path)
+    if not os.path.exists(path) and _looks_local(path):
+        raise FileNotFoundError(
+            f"{key}={name_or_path!r}: no such model directory. Point {key} at a local "
+            "Hugging Face model dir (config.json + weights) or a hub id like 'gpt2'.")
+    return path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(check_model_source(name_or_path,
+                                                                 "model.tokenizer_name_or_path"))
+    if tokenizer.pad_token_id is None:  # reference behaviour: pad with EOS when no pad exists
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str, archive: str | None = None):
+    """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights."""
+    from transformers import AutoModelForCausalLM
+    path = check_model_source(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 low_cpu_mem_usage=True)
+    if archive:
+        load_archive(model, archive)
+    return model
+
+
+def load_archive(model, archive: str) -> int:
+    """Load `state` of a reference-format policy.pt into `model`; returns its step_idx."""
+    if not os.path.exists(archive):
+        raise FileNotFoundError(f"model.archive={archive!r} does not exist")
+    ckpt = torch.load(archive, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} \
+        if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"model.archive={archive!r} does not match the model "
+                         f"{type(model).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    print(f"loaded {archive} (step {ckpt.get('step_idx')})")
+    return ckpt.get("step_idx", 0)
+
+
+def _chunk_logps(hidden, weight, bias, targets):
+    """log p(target) for rows of hidden states; logits exist only for this chunk, in fp32."""
+    logits = F.linear(hidden, weight, bias).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _uses_plain_head(model) -> bool:
+    """Models whose logits are exactly lm_head(last hidden state); others use their own forward."""
+    cfg = model.config
+    return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+                or getattr(cfg, "logits_scaling", None))
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4096):
+    """Summed log-probs of the labelled tokens of each sequence.
+
+    Args: input_ids, attention_mask, labels: [batch, seq]; labels are -100 where not scored
+        (prompt, padding). Token t+1 is predicted from position t.
+    Returns: (logps [batch] float32, n_tokens [batch]).
+
+    Only the scored positions go through the output head, `chunk_size` rows at a time, each
+    chunk recomputed in backward (activation checkpointing), so peak memory holds one fp32
+    [chunk, vocab] block instead of [batch, seq, vocab]: 128k-vocabulary models fit.
+    """
+    if not _uses_plain_head(model):
+        return plain_sequence_logps(model, input_ids, attention_mask, labels)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = hidden[:, :-1][mask]
+    row_targets = targets[mask]
+    head = model.get_output_embeddings()
+    pieces = []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = (rows[start:start + chunk_size], head.weight, head.bias,
+                row_targets[start:start + chunk_size])
+        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else _chunk_logps(*args))
+    row_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    seq_index = mask.nonzero()[:, 0]
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return logps.index_add(0, seq_index, row_logps), mask.sum(-1)
+
+
+def plain_sequence_logps(model, input_ids, attention_mask, labels):
+    """The straightforward version (full logits), kept as the reference for equivalence tests."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (token_logps * mask).sum(-1), mask.sum(-1)

@@ -1,0 +1,118 @@
+"""Metrics to metrics.jsonl, wandb (as the reference) and a PNG of the curves."""
+
+import json
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+from harness.checkpoints import atomic_write_text
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class RunLogger:
+    """Appends one JSON line per log call: {"step": examples seen, metric: value, ...}.
+
+    On resume, lines logged after the resumed checkpoint are dropped first: they will be
+    logged again, identically, by the resumed run.
+    """
+
+    def __init__(self, run_dir, config: dict, wandb_cfg, exp_name: str, resume_step=None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
+        self.wandb = None
+        if wandb_cfg.enabled:
+            self.wandb = self._init_wandb(config, wandb_cfg, exp_name)
+
+    def _init_wandb(self, config, wandb_cfg, exp_name):
+        import wandb
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        atomic_write_text(id_file, run_id)
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present()
+                                                 else "offline")
+        if mode == "offline":
+            print("wandb: no credentials found, logging offline to the run dir "
+                  "(wandb sync it later, or wandb.enabled=false to turn it off)")
+        return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, config=config,
+                          name=exp_name, dir=str(self.run_dir), id=run_id, resume="allow",
+                          mode=mode)
+
+    def log(self, metrics: dict, step: int):
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]):
+        """rows: [{"prompt", "policy", ("reference")}] -> samples/step-N.jsonl and a wandb table."""
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        atomic_write_text(folder / f"step-{step}.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in rows))
+        if self.wandb is not None and rows:
+            import wandb
+            columns = list(rows[0])
+            table = wandb.Table(columns=["step", *columns],
+                                data=[[step, *(r[c] for c in columns)] for r in rows])
+            self.wandb.log({"samples": table}, step=step)
+
+    def plot(self) -> Path | None:
+        """curves.png: every loss / reward metric against examples seen."""
+        return plot_metrics(self.path, self.run_dir / "curves.png")
+
+    def close(self):
+        self.plot()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path, out_path) -> Path | None:
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {}  # "loss" -> {"loss/train": [(step, v)], "loss/eval": [...]}
+    for row in rows:
+        for key, value in row.items():
+            family = key.split("/")[0].replace("_train", "").replace("_eval", "")
+            if "/" in key and family in ("loss", "rewards", "logps"):
+                groups.setdefault(key.rsplit("/", 1)[1] if family == "rewards" else family, {}) \
+                    .setdefault(key, []).append((row["step"], value))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
+    for ax, (title, series) in zip(axes[0], sorted(groups.items())):
+        for key, points in sorted(series.items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("examples seen")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(f"{out_path}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return Path(out_path)

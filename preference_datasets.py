@@ -1,0 +1,273 @@
+"""Preference data for the trainer: registry, canonical records, examples, tokenize, batch.
+
+    get_dataset(spec, split)  -> canonical records (the DPO reference format + truncation mode):
+        {prompt: {"responses": [str], "pairs": [(winner_idx, loser_idx)],
+                  "sft_target": str, "truncation_mode": "keep_start" | "keep_end"}}
+    load_examples(specs, ...) -> [Example]   one per prompt (SFT) or one per preference pair
+    BatchIterator             -> padded torch batches, seeded per-epoch order, exact resume
+
+Prompts look like "\\n\\nHuman: ...\\n\\nAssistant:" and responses start with a space. A spec
+is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders
+live in harness/loaders.py (imported at the bottom to fill the registry). Tokenisation and
+truncation follow the DPO reference `tokenize_batch_element`.
+"""
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import datasets
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+Records = dict[str, dict]
+DATASETS: dict[str, Callable[..., Records]] = {}
+# how a prompt is cut to max_prompt_length: keep its first tokens, or its last (dialogues)
+_TRUNCATE = {
+    "keep_start": lambda ids, n: ids[:n],
+    "keep_end": lambda ids, n: ids[-n:],
+}
+TRUNCATION_MODES = tuple(_TRUNCATE)
+TEST_FRACTION = 0.05  # share of prompts held out by hash for sources without a test split
+
+
+def register(name: str):
+    """Decorator: make a loader available as get_dataset(name)."""
+    def wrap(fn):
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = fn
+        return fn
+    return wrap
+
+
+def in_test_split(key: str) -> bool:
+    """Stable hash split: about TEST_FRACTION of keys are test, whatever the seed or row order."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
+
+
+def get_dataset(spec: str, split: str, *, cache_dir=None, prefs_path=None, num_turns=1,
+                silent=False) -> Records:
+    """Canonical records of one source. spec = NAME or NAME:PATH (local raw-schema data)."""
+    name, _, path = spec.partition(":")
+    path = path or None
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered datasets: {sorted(DATASETS)}")
+    if name == "prefs":
+        path = path or prefs_path
+    elif prefs_path is not None:
+        # AI feedback relabels a source's prompts: the annotations replace its own pairs.
+        logger.info("dataset %r: using AI preference labels from %s", spec, prefs_path)
+        name, path = "prefs", prefs_path
+    if silent:
+        datasets.disable_progress_bars()
+    data = DATASETS[name](split, path, cache_dir=cache_dir, num_turns=num_turns, silent=silent)
+    if not data:
+        raise ValueError(f"dataset {spec!r} split {split!r} has no records")
+    for prompt, record in data.items():
+        _check_record(prompt, record, spec)
+    return data
+
+
+def _check_record(prompt: str, record: dict, source: str):
+    """Catch malformed records from any loader (toy, canonical JSON) before training does."""
+    where = f"{source}: record for prompt {prompt[:60]!r}"
+    if set(record) != {"responses", "pairs", "sft_target", "truncation_mode"}:
+        raise ValueError(f"{where} has keys {sorted(record)}")
+    if record["truncation_mode"] not in TRUNCATION_MODES:
+        raise ValueError(f"{where} has unknown truncation mode {record['truncation_mode']!r}")
+    n = len(record["responses"])
+    for pair in record["pairs"]:
+        if len(pair) != 2 or not all(0 <= i < n for i in pair) or pair[0] == pair[1]:
+            raise ValueError(f"{where} has bad pair {pair} ({n} responses)")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training item: a prompt with its SFT target (rejected None) or a preference pair."""
+    prompt: str
+    chosen: str
+    rejected: str | None
+    truncation_mode: str
+    uid: str  # stable hash of (prompt, chosen, rejected): names the example across runs
+
+
+def make_example(prompt: str, chosen: str, rejected: str | None, truncation_mode: str) -> Example:
+    key = json.dumps([prompt, chosen, rejected]).encode("utf-8")
+    return Example(prompt, chosen, rejected, truncation_mode, hashlib.sha256(key).hexdigest()[:16])
+
+
+def _record_examples(prompt: str, record: dict, sft_mode: bool) -> list[Example]:
+    mode = record["truncation_mode"]
+    if sft_mode:
+        return [make_example(prompt, record["sft_target"], None, mode)]
+    responses = record["responses"]
+    return [make_example(prompt, responses[w], responses[l], mode) for w, l in record["pairs"]]
+
+
+def _subsample(prompts: list[str], fraction: float, seed: int, spec: str) -> list[str]:
+    """A seeded subset of prompts, in their original order. Seeded per spec so that adding a
+    dataset to the mix does not change which prompts another one keeps."""
+    spec_key = int.from_bytes(hashlib.sha256(spec.encode("utf-8")).digest()[:4], "big")
+    rng = np.random.default_rng([seed, spec_key])
+    k = max(1, round(len(prompts) * fraction))
+    keep = np.sort(rng.choice(len(prompts), size=k, replace=False))
+    return [prompts[i] for i in keep]
+
+
+def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction: float = 1.0,
+                  seed: int = 0, cache_dir=None, prefs_path=None, num_turns: int = 1,
+                  silent: bool = False) -> list[Example]:
+    """Flatten the records of every spec, in dataset order then record order.
+
+    data_fraction keeps a seeded random subset of each dataset's prompts (train split only;
+    evaluation always sees the whole test split)."""
+    if isinstance(specs, str):
+        specs = [specs]
+    if not 0 < data_fraction <= 1:
+        raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}")
+    if prefs_path is not None and len(specs) > 1:
+        # every spec would read the same annotations file and duplicate its pairs
+        raise ValueError(f"prefs_path replaces each dataset's pairs; give one dataset, not {list(specs)}")
+    examples = []
+    for spec in specs:
+        data = get_dataset(spec, split, cache_dir=cache_dir, prefs_path=prefs_path,
+                           num_turns=num_turns, silent=silent)
+        prompts = list(data)
+        if split == "train" and data_fraction < 1:
+            prompts = _subsample(prompts, data_fraction, seed, spec)
+        for prompt in prompts:
+            examples.extend(_record_examples(prompt, data[prompt], sft_mode))
+    if not examples:
+        mode = "SFT targets" if sft_mode else "preference pairs (SFT-only data in a pairwise loss?)"
+        raise ValueError(f"datasets {list(specs)} split {split!r} gave no {mode}")
+    return examples
+
+
+def _token_ids(tokenizer, text: str, what: str, uid: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id in ids:  # EOS marks the end of a response; one inside is a data bug
+        raise ValueError(f"example {uid}: {what} contains the EOS token: {text[:80]!r}")
+    return list(ids)
+
+
+def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """Token ids and labels for one example (the reference `tokenize_batch_element`).
+
+    EOS is appended to each response. If prompt + longer response exceeds max_length the prompt
+    is cut to max_prompt_length (first tokens for keep_start, last for keep_end); if still too
+    long, responses are cut to max_length - max_prompt_length. Labels are -100 on the prompt."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    if ex.truncation_mode not in _TRUNCATE:
+        raise ValueError(f"unknown truncation mode {ex.truncation_mode!r}; "
+                         f"use one of {list(TRUNCATION_MODES)}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id")
+    eos = tokenizer.eos_token_id
+    prompt = _token_ids(tokenizer, ex.prompt, "prompt", ex.uid)
+    responses = {"chosen": _token_ids(tokenizer, ex.chosen, "chosen", ex.uid) + [eos]}
+    if ex.rejected is not None:
+        responses["rejected"] = _token_ids(tokenizer, ex.rejected, "rejected", ex.uid) + [eos]
+    longest = max(len(ids) for ids in responses.values())
+    if len(prompt) + longest > max_length:
+        prompt = _TRUNCATE[ex.truncation_mode](prompt, max_prompt_length)
+    if len(prompt) + longest > max_length:
+        responses = {k: ids[: max_length - max_prompt_length] for k, ids in responses.items()}
+    out = {"prompt_input_ids": prompt, "prompt_length": len(prompt)}
+    for key, ids in responses.items():
+        out[f"{key}_input_ids"] = prompt + ids
+        out[f"{key}_labels"] = [-100] * len(prompt) + ids
+    return out
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            out[row, cols] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def collate(items: list[dict], pad_token_id: int, examples: list[Example]) -> dict:
+    """Pad a batch. Sequences are right-padded (labels with -100); prompts are left-padded so
+    generation can continue from the last column. Strings and uids ride along as lists."""
+    with_rejected = {"rejected_input_ids" in item for item in items}
+    if len(with_rejected) != 1:
+        raise ValueError("a batch mixes examples with and without a rejected response")
+    keys = ("chosen", "rejected") if with_rejected.pop() else ("chosen",)
+    batch = {}
+    for key in keys:
+        ids = [item[f"{key}_input_ids"] for item in items]
+        batch[f"{key}_input_ids"] = _pad(ids, pad_token_id)
+        batch[f"{key}_attention_mask"] = _pad([[1] * len(s) for s in ids], 0)
+        batch[f"{key}_labels"] = _pad([item[f"{key}_labels"] for item in items], -100)
+    prompts = [item["prompt_input_ids"] for item in items]
+    batch["prompt_input_ids"] = _pad(prompts, pad_token_id, left=True)
+    batch["prompt_attention_mask"] = _pad([[1] * len(s) for s in prompts], 0, left=True)
+    batch["prompt"] = [ex.prompt for ex in examples]
+    batch["chosen_response_only"] = [ex.chosen for ex in examples]
+    if "rejected" in keys:
+        batch["rejected_response_only"] = [ex.rejected for ex in examples]
+    batch["uid"] = [ex.uid for ex in examples]
+    return batch
+
+
+class BatchIterator:
+    """Batches of examples, tokenized lazily per batch.
+
+    The order of epoch e is a permutation drawn from default_rng([seed, e]) (identity when not
+    shuffling): it depends on the seed, differs per epoch, and can be recomputed at any time,
+    so resuming mid-epoch skips straight to the next unseen example without tokenizing the rest.
+    The final partial batch is kept unless drop_last."""
+
+    def __init__(self, examples: list[Example], tokenizer, *, batch_size: int, shuffle: bool, seed: int,
+                 max_length: int, max_prompt_length: int, drop_last: bool = False):
+        if not examples:
+            raise ValueError("BatchIterator needs at least one example")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        self.examples, self.tokenizer = examples, tokenizer
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+
+    def __len__(self) -> int:
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.examples)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Batches of one epoch, skipping the first `start` examples (already consumed)."""
+        if start % self.batch_size or not 0 <= start <= len(self.examples):
+            raise ValueError(f"start={start} must be a multiple of batch_size={self.batch_size} "
+                             f"within the epoch's {len(self.examples)} examples")
+        order = self.epoch_order(epoch)
+        for begin in range(start, self.examples_per_epoch, self.batch_size):
+            chosen = [self.examples[i] for i in order[begin: begin + self.batch_size]]
+            items = [tokenize_example(ex, self.tokenizer, self.max_length, self.max_prompt_length)
+                     for ex in chosen]
+            yield collate(items, self.pad_token_id, chosen)
+
+
+# Last, because the loaders import register() from this module: this fills DATASETS.
+import harness.loaders  # noqa: E402,F401

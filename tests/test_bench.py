@@ -1,0 +1,44 @@
+"""scripts/bench.py runs end to end on the tiny preset and prints one JSON line per configuration."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = {"preset", "config", "impl", "loss", "reference", "device", "dtype", "batch_size",
+          "max_length", "steps", "warmup", "date", "host", "step_time_s", "step_times_s",
+          "examples_per_s", "tokens_per_s", "tokens_per_step", "padded_tokens_per_step",
+          "prepass_s", "prepass_pairs", "e2e_s", "e2e_examples_per_s", "params", "memory_kind",
+          "peak_memory_mib", "peak_memory_delta_mib", "step_peak_memory_delta_mib", "mfu"}
+
+
+def test_bench_cpu_tiny_ours(tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "cpu-tiny", "--steps", "2",
+         "--warmup", "1", "--only", "ours", "--threads", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)  # ~30 s on 2 idle cores
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["config"], r["impl"]) for r in lines] == [
+        ("sft", "ours"), ("dpo_ref_in_memory", "ours"), ("dpo_precomputed", "ours")]
+    assert lines == [json.loads(line) for line in out.read_text().splitlines()]
+    for row in lines:
+        assert FIELDS <= set(row), FIELDS - set(row)
+        assert len(row["step_times_s"]) == 2 and row["step_time_s"] > 0
+        assert row["tokens_per_s"] > 0 and row["tokens_per_step"] <= row["padded_tokens_per_step"]
+        assert row["peak_memory_mib"] > 0 and row["mfu"] is None  # MFU only on CUDA
+    sft, in_memory, precomputed = lines
+    assert in_memory["tokens_per_step"] == precomputed["tokens_per_step"]  # the same batches
+    assert precomputed["prepass_s"] > 0 and precomputed["prepass_pairs"] >= 3 * 4
+    assert in_memory["prepass_pairs"] == 0
+
+
+def test_gpu_preset_fails_clearly_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "h100-1b"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "CUDA" in proc.stderr and not proc.stdout

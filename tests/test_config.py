@@ -1,0 +1,90 @@
+"""Every option of every config group composes, and bad configs fail before any model loads."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from train import check_config
+from trainers import LOSSES, TRAINERS
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
+MODEL_KEYS = {"name_or_path", "tokenizer_name_or_path", "archive", "block_name", "policy_dtype",
+              "reference_dtype", "fsdp_policy_mp"}
+REFERENCE_KEYS = {
+    "seed", "exp_name", "batch_size", "eval_batch_size", "debug", "fsdp_port", "datasets", "wandb",
+    "local_dirs", "sample_during_eval", "n_eval_model_samples", "do_first_eval", "local_run_dir",
+    "lr", "gradient_accumulation_steps", "max_grad_norm", "max_length", "max_prompt_length",
+    "n_epochs", "n_examples", "n_eval_examples", "trainer", "optimizer", "warmup_steps",
+    "activation_checkpointing", "eval_every", "minimum_log_interval_secs", "save_every",
+    "prefs_path", "data_fraction", "num_turns"}
+
+
+def options(group):
+    return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml"))
+
+
+def make(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_groups_have_the_promised_options():
+    assert set(options("loss")) == {"sft", "dpo", "ipo"} == set(LOSSES)
+    assert set(options("trainer")) == set(TRAINERS)
+    assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
+            "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
+            "mixtral"} <= set(options("model"))
+
+
+def test_default_config_has_every_reference_key_and_passes_checks():
+    cfg = make()
+    assert REFERENCE_KEYS <= set(cfg)
+    assert set(cfg.wandb) == {"enabled", "entity", "project"}
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_composes(model):
+    cfg = make(f"model={model}", "model.name_or_path=x", "model.block_name=B")
+    assert set(cfg.model) == MODEL_KEYS
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+def test_every_loss_composes(loss):
+    cfg = make(f"loss={loss}", "loss.beta=0.1" if loss != "sft" else "loss.token_mean=true")
+    assert cfg.loss.name == loss
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_composes(trainer):
+    cfg = make(f"trainer={trainer}")
+    assert cfg.trainer.name == trainer
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=dpo"], "loss.beta"),
+    (["model=blank_model"], "model.name_or_path"),
+    (["datasets=[hh,nope]"], "registered"),
+    (["optimizer=Adamm"], "torch.optim"),
+    (["batch_size=5", "gradient_accumulation_steps=2"], "divisible"),
+    (["save_every=epoch_x"], "save_every"),
+    (["data_fraction=0"], "data_fraction"),
+    (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
+])
+def test_bad_config_is_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(make(*overrides))
+
+
+def test_reference_command_lines_compose():
+    make("model=blank_model", "model.name_or_path=PATH", "model.block_name=LlamaDecoderLayer",
+         "datasets=[hh,shp]", "loss=sft", "exp_name=x", "gradient_accumulation_steps=2",
+         "batch_size=64", "eval_batch_size=32", "trainer=BasicTrainer", "sample_during_eval=false")
+    make("model=pythia28", "datasets=[hh]", "loss=dpo", "loss.beta=0.1",
+         "model.archive=RUN/LATEST/policy.pt", "exp_name=y")
+    make("loss=dpo", "loss.beta=0.05", "prefs_path=annotations.json", "datasets=[sharegpt]",
+         "save_every=epoch_1", "n_epochs=3", "data_fraction=0.1")
