@@ -24,7 +24,8 @@ RESUME_OVERRIDABLE = ("n_epochs", "n_examples", "eval_every", "save_every", "kee
 def check_config(cfg: DictConfig):
     """Every check that needs no model, so bad input fails in a second, not after loading 70B."""
     from preference_datasets import DATASETS
-    from trainers import TRAINERS, get_loss_spec, loss_kwargs
+    from harness.objectives import get_loss_spec, loss_kwargs
+    from trainers import TRAINERS
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing required config value(s): {', '.join(missing)} "
@@ -81,7 +82,8 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
         resume = load_for_resume(cfg.resume)
     check_config(cfg)
     from harness.modeling import check_model_source, load_model, load_tokenizer
-    from trainers import TRAINERS, get_loss_spec
+    from harness.objectives import needs_reference
+    from trainers import TRAINERS
     check_model_source(cfg.model.name_or_path)
     OmegaConf.resolve(cfg)
     if cfg.local_run_dir is None:
@@ -99,8 +101,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
     reference = None
-    spec = get_loss_spec(cfg.loss.name)
-    if spec.paired and not cfg.loss.get("reference_free", False):
+    if needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
                                cfg.model.archive).eval()
     trainer = TRAINERS[cfg.trainer.name](policy, tokenizer, cfg, run_dir, reference, resume)

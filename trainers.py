@@ -2,56 +2,22 @@
 
 BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
 micro-batches -> log -> checkpoint when due. What differs between losses is one step function
-picked from LOSSES; FSDPTrainer / TensorParallelTrainer only change how the model is wrapped.
+picked from the loss table (harness/objectives.py); FSDPTrainer / TensorParallelTrainer only change how the model is wrapped.
 """
 
-import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import losses
 from harness import checkpoints, reference_cache
+from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
 from harness.modeling import sequence_logps
 from harness.run_logging import RunLogger
 from preference_datasets import BatchIterator, load_examples
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    fn: Callable
-    paired: bool  # trains on (chosen, rejected) pairs rather than single SFT targets
-
-
-LOSSES = {
-    "sft": LossSpec(losses.sft_loss, paired=False),
-    "dpo": LossSpec(losses.dpo_loss, paired=True),
-    "ipo": LossSpec(losses.ipo_loss, paired=True),
-}
-
-
-def get_loss_spec(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss={name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]
-
-
-def loss_kwargs(loss_cfg) -> dict:
-    """The loss config minus its name, checked against the loss function's parameters."""
-    spec = get_loss_spec(loss_cfg.name)
-    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
-    params = inspect.signature(spec.fn).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        unknown = set(kwargs) - set(params)
-        if unknown:
-            raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
-                             f" (options: {sorted(set(params) - {'policy_chosen_logps'})})")
-    return kwargs
 
 
 @dataclass
@@ -143,12 +109,9 @@ class BasicTrainer:
         with torch.no_grad():
             return self.forward(self.reference_model, batch)[:2]
 
-    def needs_reference(self) -> bool:
-        return self.spec.paired and not self.loss_kwargs.get("reference_free", False)
-
     def prepare_reference(self):
         """Precompute the reference log-probs of all train and eval examples, then free the model."""
-        if not (self.needs_reference() and self.cfg.precompute_reference):
+        if not (needs_reference(self.cfg.loss) and self.cfg.precompute_reference):
             return
         examples = self.train_batches.examples + self.eval_batches.examples
         loader = BatchIterator(examples, self.tokenizer, batch_size=self.cfg.eval_batch_size,
@@ -165,24 +128,10 @@ class BasicTrainer:
                 loader.epoch_batches(0), len(loader)))
         self.reference_model = None  # training holds no reference model from here on
 
-    # ---- one loss evaluation, picked by the loss's kind (never by its name) -------------------
+    # ---- one loss evaluation: the loss's own step function (never a branch on its name) ----
     def step_metrics(self, batch, split: str):
         """(loss, per-example metric tensors) for one (micro-)batch."""
-        if not self.spec.paired:
-            logps, n = self.forward(self.policy, batch)
-            losses_ = self.spec.fn(logps, n, **self.loss_kwargs)
-            return losses_.mean(), {f"loss/{split}": losses_, f"logps_{split}/chosen": logps}
-        chosen, rejected, _, _ = self.forward(self.policy, batch)
-        ref_chosen, ref_rejected = (self.reference_logps(batch) if self.needs_reference()
-                                    else (torch.zeros_like(chosen), torch.zeros_like(rejected)))
-        losses_, r_chosen, r_rejected = self.spec.fn(chosen, rejected, ref_chosen, ref_rejected,
-                                                     **self.loss_kwargs)
-        return losses_.mean(), {
-            f"rewards_{split}/chosen": r_chosen, f"rewards_{split}/rejected": r_rejected,
-            f"rewards_{split}/accuracies": (r_chosen > r_rejected).float(),
-            f"rewards_{split}/margins": r_chosen - r_rejected,
-            f"logps_{split}/chosen": chosen, f"logps_{split}/rejected": rejected,
-            f"loss/{split}": losses_}
+        return self.spec.step(self, batch, split)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Across ranks (distributed trainers override); here the identity."""

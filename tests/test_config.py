@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from train import check_config
-from trainers import LOSSES, TRAINERS
+from harness.objectives import LOSSES
+from trainers import TRAINERS
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 MODEL_KEYS = {"name_or_path", "tokenizer_name_or_path", "archive", "block_name", "policy_dtype",

@@ -1,0 +1,91 @@
+"""The loss table: `loss=NAME` picks a LossSpec here; the loop never branches on the name.
+
+A LossSpec says which pure function from losses.py computes the loss, what examples it trains on,
+and how one (micro-)batch turns into that loss: `step(trainer, batch, split)` returns the mean
+loss and per-example metric tensors named as in the reference code. A new objective registers
+its own spec (from its own module if it has one) and the loop, checkpoints and logging work
+unchanged.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+import losses
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable           # the pure loss function of losses.py
+    paired: bool           # trains on (chosen, rejected) pairs rather than single SFT targets
+    step: Callable         # step(trainer, batch, split) -> (mean loss, {metric: [batch] tensor})
+    uses_reference: bool = False  # needs reference log-probs (unless loss.reference_free=true)
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, spec: LossSpec) -> LossSpec:
+    if name in LOSSES:
+        raise ValueError(f"loss {name!r} is registered twice")
+    LOSSES[name] = spec
+    return spec
+
+
+def get_loss_spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss={name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def loss_kwargs(loss_cfg) -> dict:
+    """The loss config minus its name, checked against the loss function's parameters."""
+    spec = get_loss_spec(loss_cfg.name)
+    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
+    params = inspect.signature(spec.fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = set(kwargs) - set(params)
+        if unknown:
+            raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
+                             f" (options: {sorted(set(params) - {'policy_chosen_logps'})})")
+    return kwargs
+
+
+def needs_reference(loss_cfg) -> bool:
+    """Whether this loss config reads reference log-probs (so a reference model must load)."""
+    spec = get_loss_spec(loss_cfg.name)
+    return spec.uses_reference and not loss_cfg.get("reference_free", False)
+
+
+def sft_step(trainer, batch, split: str):
+    """Negative log-likelihood of the SFT targets."""
+    logps, n = trainer.forward(trainer.policy, batch)
+    losses_ = trainer.spec.fn(logps, n, **trainer.loss_kwargs)
+    return losses_.mean(), {f"loss/{split}": losses_, f"logps_{split}/chosen": logps}
+
+
+def preference_step(trainer, batch, split: str):
+    """A DPO-family loss of (policy, reference) log-probs of chosen and rejected responses."""
+    chosen, rejected, _, _ = trainer.forward(trainer.policy, batch)
+    if needs_reference(trainer.cfg.loss):
+        ref_chosen, ref_rejected = trainer.reference_logps(batch)
+    else:
+        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    losses_, r_chosen, r_rejected = trainer.spec.fn(chosen, rejected, ref_chosen, ref_rejected,
+                                                    **trainer.loss_kwargs)
+    return losses_.mean(), {
+        f"rewards_{split}/chosen": r_chosen, f"rewards_{split}/rejected": r_rejected,
+        f"rewards_{split}/accuracies": (r_chosen > r_rejected).float(),
+        f"rewards_{split}/margins": r_chosen - r_rejected,
+        f"logps_{split}/chosen": chosen, f"logps_{split}/rejected": rejected,
+        f"loss/{split}": losses_}
+
+
+register_loss("sft", LossSpec(losses.sft_loss, paired=False, step=sft_step))
+register_loss("dpo", LossSpec(losses.dpo_loss, paired=True, step=preference_step,
+                              uses_reference=True))
+register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step,
+                              uses_reference=True))
