@@ -81,7 +81,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
         cfg = resumed_config(cfg, overrides)
         resume = load_for_resume(cfg.resume)
     check_config(cfg)
-    from harness.modeling import check_model_source, load_model, load_tokenizer
+    from harness.modeling import apply_compile, check_model_source, load_model, load_tokenizer
     from harness.objectives import needs_reference
     from trainers import TRAINERS
     check_model_source(cfg.model.name_or_path)
@@ -100,6 +100,8 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
     policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
+    if cfg.compile:
+        apply_compile(policy, cfg.model.block_name)
     reference = None
     if needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,

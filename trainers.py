@@ -5,6 +5,7 @@ micro-batches -> log -> checkpoint when due. What differs between losses is one 
 picked from the loss table (harness/objectives.py); FSDPTrainer / TensorParallelTrainer only change how the model is wrapped.
 """
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,8 @@ from tqdm import tqdm
 
 from harness import checkpoints, reference_cache
 from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
-from harness.modeling import sequence_logps
+from harness.modeling import packed_sequence_logps, sequence_logps
+from harness.packing import pack
 from harness.run_logging import RunLogger
 from preference_datasets import BatchIterator, load_examples
 
@@ -42,6 +44,16 @@ def pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
 
+def make_optimizer(params, cfg):
+    """torch.optim.<cfg.optimizer>; fused_optimizer picks the fused kernel where the class has one
+    (one kernel for all parameters instead of one per tensor), else torch's default (foreach)."""
+    cls = getattr(torch.optim, cfg.optimizer)
+    kwargs = {"lr": cfg.lr}
+    if cfg.fused_optimizer and "fused" in inspect.signature(cls).parameters:
+        kwargs["fused"] = True
+    return cls(params, **kwargs)
+
+
 class BasicTrainer:
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
         self.cfg, self.policy, self.tokenizer, self.run_dir = config, policy, tokenizer, run_dir
@@ -50,7 +62,7 @@ class BasicTrainer:
         self.loss_kwargs = loss_kwargs(config.loss)
         self.device = next(policy.parameters()).device
         self._load_data()
-        self.optimizer = getattr(torch.optim, config.optimizer)(policy.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(policy.parameters(), config)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
@@ -88,20 +100,31 @@ class BasicTrainer:
     # ---- forward passes ---------------------------------------------------------------------
     def forward(self, model, batch):
         """Summed log-probs: (chosen, n_chosen) for SFT; (chosen, rejected, n_c, n_r) for pairs,
-        from ONE forward over the concatenated [chosen; rejected] batch."""
-        chunk = self.cfg.logits_chunk_size
-        ids, mask, labels = (batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-        if not self.spec.paired:
-            return sequence_logps(model, ids.to(self.device), mask.to(self.device),
-                                  labels.to(self.device), chunk)
-        length = max(ids.shape[1], batch["rejected_input_ids"].shape[1])
-        pad = self.tokenizer.pad_token_id
-        cat = lambda k, v: torch.cat([pad_to(batch[f"chosen_{k}"], length, v),  # noqa: E731
-                                      pad_to(batch[f"rejected_{k}"], length, v)]).to(self.device)
-        logps, n = sequence_logps(model, cat("input_ids", pad), cat("attention_mask", 0),
-                                  cat("labels", -100), chunk)
-        half = ids.shape[0]
+        from ONE forward over the batch: packed rows (packing / prefix_sharing) or the padded
+        [chosen; rejected] concatenation."""
+        cfg, paired = self.cfg, self.spec.paired
+        if cfg.packing or (cfg.prefix_sharing and paired):
+            packed = pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
+                          row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,
+                          pad_token_id=self.tokenizer.pad_token_id)
+            logps, n = packed_sequence_logps(model, packed.to(self.device), cfg.logits_chunk_size)
+        else:
+            logps, n = self._padded_logps(model, batch)
+        if not paired:
+            return logps, n
+        half = batch["chosen_input_ids"].shape[0]
         return logps[:half], logps[half:], n[:half], n[half:]
+
+    def _padded_logps(self, model, batch):
+        keys = ("input_ids", "attention_mask", "labels")
+        if not self.spec.paired:
+            return sequence_logps(model, *(batch[f"chosen_{k}"].to(self.device) for k in keys),
+                                  self.cfg.logits_chunk_size)
+        length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        cat = lambda k: torch.cat([pad_to(batch[f"{side}_{k}"], length, pad[k])  # noqa: E731
+                                   for side in ("chosen", "rejected")]).to(self.device)
+        return sequence_logps(model, *(cat(k) for k in keys), self.cfg.logits_chunk_size)
 
     def reference_logps(self, batch):
         if self.reference_table is not None:

@@ -71,6 +71,25 @@ def load_archive(model, archive: str) -> int:
     return ckpt.get("step_idx", 0)
 
 
+def blocks(model, block_name: str) -> list:
+    """The model's transformer blocks (the unit of sharding, checkpointing and compiling)."""
+    found = [m for m in model.modules() if type(m).__name__ == block_name]
+    if not found:
+        classes = sorted({type(m).__name__ for m in model.modules()
+                          if type(m).__name__.endswith(("Layer", "Block"))})
+        raise ValueError(f"model.block_name={block_name!r} is not a module of "
+                         f"{type(model).__name__}; block classes found: {classes}")
+    return found
+
+
+def apply_compile(model, block_name: str):
+    """torch.compile each transformer block in place (torchtitan style): parameter names and the
+    module tree stay as they are, and varying sequence lengths recompile one small graph."""
+    for block in blocks(model, block_name):
+        block.compile(dynamic=True)
+    return model
+
+
 def _chunk_logps(hidden, weight, bias, targets):
     """log p(target) for rows of hidden states; logits exist only for this chunk, in fp32."""
     logits = F.linear(hidden, weight, bias).float()
@@ -84,35 +103,57 @@ def _uses_plain_head(model) -> bool:
                 or getattr(cfg, "logits_scaling", None))
 
 
+def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size):
+    """Sum log p(target) per output sequence, from the hidden states that predict each target.
+
+    Only these rows go through the output head, `chunk_size` at a time, each chunk recomputed in
+    backward (activation checkpointing), so peak memory holds one fp32 [chunk, vocab] block
+    instead of [batch, seq, vocab]: 128k-vocabulary models fit."""
+    head = model.get_output_embeddings()
+    pieces = []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        args = (hidden_rows[start:start + chunk_size], head.weight, head.bias,
+                targets[start:start + chunk_size])
+        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else _chunk_logps(*args))
+    row_logps = torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=hidden_rows.device)
+    counts = torch.zeros(n_sequences, dtype=torch.long, device=hidden_rows.device)
+    return (logps.index_add(0, sequence, row_logps),
+            counts.index_add(0, sequence, torch.ones_like(sequence)))
+
+
 def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4096):
     """Summed log-probs of the labelled tokens of each sequence.
 
     Args: input_ids, attention_mask, labels: [batch, seq]; labels are -100 where not scored
         (prompt, padding). Token t+1 is predicted from position t.
     Returns: (logps [batch] float32, n_tokens [batch]).
-
-    Only the scored positions go through the output head, `chunk_size` rows at a time, each
-    chunk recomputed in backward (activation checkpointing), so peak memory holds one fp32
-    [chunk, vocab] block instead of [batch, seq, vocab]: 128k-vocabulary models fit.
     """
     if not _uses_plain_head(model):
         return plain_sequence_logps(model, input_ids, attention_mask, labels)
     targets = labels[:, 1:]
     mask = targets != -100
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    rows = hidden[:, :-1][mask]
-    row_targets = targets[mask]
-    head = model.get_output_embeddings()
-    pieces = []
-    for start in range(0, rows.shape[0], chunk_size):
-        args = (rows[start:start + chunk_size], head.weight, head.bias,
-                row_targets[start:start + chunk_size])
-        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
-                      if torch.is_grad_enabled() else _chunk_logps(*args))
-    row_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    seq_index = mask.nonzero()[:, 0]
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return logps.index_add(0, seq_index, row_logps), mask.sum(-1)
+    return _scored_logps(model, hidden[:, :-1][mask], targets[mask], mask.nonzero()[:, 0],
+                         input_ids.shape[0], chunk_size)
+
+
+def packed_sequence_logps(model, packed, chunk_size: int = 4096):
+    """sequence_logps for a harness.packing.PackedBatch (padding-free rows, shared prompts):
+    the same (logps, n_tokens), numbered as the padded path numbers its sequences."""
+    from harness.packing import attention_mask
+    mask = attention_mask(packed, model.config._attn_implementation, model.dtype)
+    kwargs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
+    if not _uses_plain_head(model):
+        logits = model(**kwargs).logits.float().flatten(0, 1)[packed.source]
+        token_logps = logits.log_softmax(-1).gather(-1, packed.target[:, None])[:, 0]
+        zeros = torch.zeros(packed.n_sequences, device=logits.device)
+        return (zeros.index_add(0, packed.sequence, token_logps),
+                zeros.long().index_add(0, packed.sequence, torch.ones_like(packed.sequence)))
+    hidden = model.base_model(**kwargs).last_hidden_state.flatten(0, 1)
+    return _scored_logps(model, hidden[packed.source], packed.target, packed.sequence,
+                         packed.n_sequences, chunk_size)
 
 
 def plain_sequence_logps(model, input_ids, attention_mask, labels):
