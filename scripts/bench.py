@@ -50,12 +50,17 @@ PRESETS = {
                     num_key_value_heads=8, vocab_size=32000, batch_size=8, max_length=1024,
                     steps=20, warmup=3),
 }
-# (config, impl, loss, reference); TRL runs before ours so our line can carry the ratio
-CONFIGS = [("sft", "ours", "sft", "none"),
-           ("dpo_ref_in_memory", "trl", "dpo", "in_memory"),
-           ("dpo_ref_in_memory", "ours", "dpo", "in_memory"),
-           ("dpo_precomputed", "trl", "dpo", "precomputed"),
-           ("dpo_precomputed", "ours", "dpo", "precomputed")]
+# (config, impl, loss, reference, our speed levers, the TRL configs it is compared with);
+# TRL runs before ours so our line can carry the ratios
+FAST = ("packing=true", "prefix_sharing=true", "fused_optimizer=true")
+CONFIGS = [("sft", "ours", "sft", "none", (), ()),
+           ("sft_packed", "ours", "sft", "none", ("packing=true", "fused_optimizer=true"), ()),
+           ("dpo_ref_in_memory", "trl", "dpo", "in_memory", (), ()),
+           ("dpo_ref_in_memory", "ours", "dpo", "in_memory", (), ("dpo_ref_in_memory",)),
+           ("dpo_precomputed", "trl", "dpo", "precomputed", (), ()),
+           ("dpo_precomputed", "ours", "dpo", "precomputed", (), ("dpo_precomputed",)),
+           ("dpo_precomputed_packed", "ours", "dpo", "precomputed", FAST,
+            ("dpo_ref_in_memory", "dpo_precomputed"))]
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}  # dense
 WORDS = ("the a to and of you it is that in for this with my can what how your be have not "
          "are on do if but so about would like just they there one could some more when good "
@@ -233,7 +238,8 @@ def compose_config(spec: dict):
         f"lr={spec['lr']}", f"optimizer={spec['optimizer']}", "wandb.enabled=false",
         "debug=true", "sample_during_eval=false", f"local_dirs=[{spec['tmp']}]",
         f"local_run_dir={spec['tmp']}/run",
-        f"precompute_reference={str(spec['reference'] == 'precomputed').lower()}"]
+        f"precompute_reference={str(spec['reference'] == 'precomputed').lower()}",
+        *spec.get("levers", ()), *(["compile=true"] if spec.get("compile") else [])]
     if spec["loss"] == "dpo":
         overrides.append(f"loss.beta={spec['beta']}")
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
@@ -266,12 +272,22 @@ def run_ours(spec: dict) -> dict:
     times = [timed(lambda b=b: trainer.train_step(b), device) for b in batches]
     masks = ("chosen_attention_mask", "rejected_attention_mask")
     tokens = [sum(int(b[k].sum()) for k in masks if k in b) for b in batches]
-    # ours pads chosen and rejected to one common length ([2B, T] forward); SFT is [B, T]
-    padded = [(2 if "rejected_input_ids" in b else 1) * len(b["uid"]) * max(
-        b[k].shape[1] for k in masks if k in b) for b in batches]
+    padded = [positions_per_forward(trainer, b) for b in batches]
     return dict(times=times, tokens=tokens, padded=padded, prepass_s=prepass_s,
                 prepass_pairs=prepass_pairs, params=n_params(policy), mem=mem,
                 examples=[len(b["uid"]) for b in batches], versions={"torch": torch.__version__})
+
+
+def positions_per_forward(trainer, batch) -> int:
+    """Token positions our forward really computes: packed rows, or the padded [2B, T] batch
+    (chosen and rejected padded to one length; SFT [B, T])."""
+    cfg, paired = trainer.cfg, trainer.spec.paired
+    if cfg.packing or (cfg.prefix_sharing and paired):
+        from harness.packing import pack
+        return pack(batch, paired, cfg.prefix_sharing and paired,
+                    (cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0).input_ids.numel()
+    masks = [k for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    return len(masks) * len(batch["uid"]) * max(batch[k].shape[1] for k in masks)
 
 
 def our_order_rows(spec: dict, tokenizer) -> list[dict]:
@@ -419,10 +435,10 @@ def ratios(ours: dict, trl: dict) -> dict:
             "e2e_s_ratio": div(ours["e2e_s"], trl["e2e_s"])}
 
 
-def run_config(base: dict, config, impl, loss, reference, workdir: Path) -> dict:
+def run_config(base: dict, config, impl, loss, reference, levers, workdir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"{impl}_{config}_", dir=workdir))
-    spec = dict(base, impl=impl, loss=loss, reference=reference, tmp=str(tmp),
-                result=str(tmp / "result.json"))
+    spec = dict(base, impl=impl, loss=loss, reference=reference, levers=list(levers),
+                tmp=str(tmp), result=str(tmp / "result.json"))
     load = os.getloadavg()[0]
     log(f"{impl} {config}: running (load average {load:.2f})")
     if load > 0.5 * (os.cpu_count() or 1) and base["device"] == "cpu":
@@ -449,6 +465,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, help="prompt + response tokens at most")
     p.add_argument("--only", choices=["ours", "trl"], help="run only one implementation")
     p.add_argument("--optimizer", default="RMSprop", help="torch.optim class for both trainers")
+    p.add_argument("--configs", nargs="+", help="run only these configurations "
+                   f"({', '.join(dict.fromkeys(c[0] for c in CONFIGS))})")
+    p.add_argument("--compile", action="store_true", help="our runs with compile=true")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--tokenizer", default="assets/tiny_model", help="tokenizer dir")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by name)")
@@ -485,7 +504,8 @@ def main(argv=None):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"model: {params / 1e6:.1f}M params ({preset['dtype']}, {preset['device']})")
     base = dict(preset, model_dir=str(workdir / "model"), data=str(data),
-                optimizer=args.optimizer, peak_tflops=args.peak_tflops, threads=args.threads)
+                optimizer=args.optimizer, peak_tflops=args.peak_tflops, threads=args.threads,
+                compile=args.compile)
     header = dict(preset=args.preset, device=preset["device"], dtype=preset["dtype"],
                   batch_size=preset["batch_size"], max_length=preset["max_length"],
                   steps=preset["steps"], warmup=preset["warmup"], optimizer=args.optimizer,
@@ -493,20 +513,22 @@ def main(argv=None):
                   host=host_info())
     have_trl = importlib.util.find_spec("trl") is not None
     done, failed = {}, False
-    for config, impl, loss, reference in CONFIGS:
-        if args.only and impl != args.only:
+    for config, impl, loss, reference, levers, compare in CONFIGS:
+        if (args.only and impl != args.only) or (args.configs and config not in args.configs):
             continue
-        line = dict(header, config=config, impl=impl, loss=loss, reference=reference)
+        line = dict(header, config=config, impl=impl, loss=loss, reference=reference,
+                    levers=list(levers) + (["compile=true"] if args.compile else []))
         if impl == "trl" and not have_trl:
             line["skipped"] = "trl is not installed (pip install trl)"
         else:
-            result = run_config(base, config, impl, loss, reference, workdir)
+            result = run_config(base, config, impl, loss, reference, levers, workdir)
             line.update(result)
             failed |= "error" in result
-            other = done.get((config, "trl" if impl == "ours" else "ours"))
-            if "error" not in result and other and "step_time_s" in other:
-                pair = (line, other) if impl == "ours" else (other, line)
-                line["vs_trl"] = ratios(*pair)
+            for trl_config in compare:
+                other = done.get((trl_config, "trl"))
+                if "error" not in result and other and "step_time_s" in other:
+                    key = "vs_trl" if trl_config == config else f"vs_trl_{trl_config}"
+                    line[key] = ratios(line, other)
         done[(config, impl)] = line
         text = json.dumps(line)
         print(text, flush=True)

@@ -22,15 +22,23 @@ def test_bench_cpu_tiny_ours(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["config"], r["impl"]) for r in lines] == [
-        ("sft", "ours"), ("dpo_ref_in_memory", "ours"), ("dpo_precomputed", "ours")]
+        ("sft", "ours"), ("sft_packed", "ours"), ("dpo_ref_in_memory", "ours"),
+        ("dpo_precomputed", "ours"), ("dpo_precomputed_packed", "ours")]
     assert lines == [json.loads(line) for line in out.read_text().splitlines()]
     for row in lines:
         assert FIELDS <= set(row), FIELDS - set(row)
         assert len(row["step_times_s"]) == 2 and row["step_time_s"] > 0
-        assert row["tokens_per_s"] > 0 and row["tokens_per_step"] <= row["padded_tokens_per_step"]
+        # positions computed >= real tokens, except where the prompt pass is shared
+        assert row["tokens_per_s"] > 0 and (row["tokens_per_step"] <= row["padded_tokens_per_step"]
+                                            or "prefix_sharing=true" in row["levers"])
         assert row["peak_memory_mib"] > 0 and row["mfu"] is None  # MFU only on CUDA
-    sft, in_memory, precomputed = lines
+    sft, sft_packed, in_memory, precomputed, packed = lines
     assert in_memory["tokens_per_step"] == precomputed["tokens_per_step"]  # the same batches
+    # the levers see the same tokens and compute fewer positions (no padding, one prompt pass)
+    assert packed["tokens_per_step"] == precomputed["tokens_per_step"]
+    assert packed["padded_tokens_per_step"] < precomputed["tokens_per_step"]
+    assert sft_packed["padded_tokens_per_step"] < sft["padded_tokens_per_step"]
+    assert packed["levers"] == ["packing=true", "prefix_sharing=true", "fused_optimizer=true"]
     assert precomputed["prepass_s"] > 0 and precomputed["prepass_pairs"] >= 3 * 4
     assert in_memory["prepass_pairs"] == 0
 
