@@ -6,8 +6,9 @@
     python scripts/bench.py --preset cpu-tiny --only ours --steps 2 --warmup 1
 
 One JSON line per configuration goes to stdout (and is appended to --out); progress to stderr.
-Configurations: SFT (ours); DPO with the reference model in memory (TRL, ours); DPO with
-reference log-probs precomputed in a pre-pass (TRL, ours). Every configuration runs in a fresh
+Configurations: SFT (a bare HF step as the peer; ours; ours packed); DPO with the reference
+model in memory (TRL, ours); DPO with reference log-probs precomputed in a pre-pass (TRL, ours;
+ours with packing + prefix sharing). Every configuration runs in a fresh
 subprocess, so its peak memory is its own, over the same random-init Llama-style model (saved
 with save_pretrained and loaded through our config, `model=blank_model`, as train.py does) and
 the same generated HH-like preference file, visited in the same order with the same batches.
@@ -53,8 +54,10 @@ PRESETS = {
 # (config, impl, loss, reference, our speed levers, the TRL configs it is compared with);
 # TRL runs before ours so our line can carry the ratios
 FAST = ("packing=true", "prefix_sharing=true", "fused_optimizer=true")
-CONFIGS = [("sft", "ours", "sft", "none", (), ()),
-           ("sft_packed", "ours", "sft", "none", ("packing=true", "fused_optimizer=true"), ()),
+CONFIGS = [("sft", "bare", "sft", "none", (), ()),
+           ("sft", "ours", "sft", "none", (), ("sft",)),
+           ("sft_packed", "ours", "sft", "none", ("packing=true", "fused_optimizer=true"),
+            ("sft",)),
            ("dpo_ref_in_memory", "trl", "dpo", "in_memory", (), ()),
            ("dpo_ref_in_memory", "ours", "dpo", "in_memory", (), ("dpo_ref_in_memory",)),
            ("dpo_precomputed", "trl", "dpo", "precomputed", (), ()),
@@ -375,6 +378,36 @@ def run_trl(spec: dict) -> dict:
                 versions={"torch": torch.__version__, "trl": trl.__version__})
 
 
+def run_bare(spec: dict) -> dict:
+    """The peer for SFT: a bare training step (HF forward with labels, backward, fused AdamW
+    where the device has it) over exactly our SFT batches, nothing else."""
+    import torch
+    from harness.modeling import load_model, load_tokenizer
+    from preference_datasets import BatchIterator, load_examples
+    device = spec["device"]
+    mem = Memory(device)
+    tokenizer = load_tokenizer(spec["model_dir"])
+    policy = load_model(spec["model_dir"], spec["dtype"]).to(device).train()
+    examples = load_examples([f"json:{spec['data']}"], "train", sft_mode=True, seed=0)
+    batches = list(BatchIterator(examples, tokenizer, batch_size=spec["batch_size"], shuffle=True,
+                                 seed=0, max_length=spec["max_length"],
+                                 max_prompt_length=spec["max_length"] // 2).epoch_batches(0))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], fused=True)
+
+    def step(batch):
+        ids, mask, labels = (batch[f"chosen_{k}"].to(device) for k in
+                             ("input_ids", "attention_mask", "labels"))
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    mem.start_steps()
+    times = [timed(lambda b=b: step(b), device) for b in batches]
+    return dict(times=times, tokens=[int(b["chosen_attention_mask"].sum()) for b in batches],
+                padded=[b["chosen_input_ids"].numel() for b in batches], prepass_s=0.0,
+                prepass_pairs=0, params=n_params(policy), mem=mem,
+                examples=[len(b["uid"]) for b in batches], versions={"torch": torch.__version__})
+
+
 def summarize(spec: dict, raw: dict) -> dict:
     """Medians over the timed steps (after warmup) and the end-to-end figure."""
     import torch
@@ -410,7 +443,7 @@ def worker(spec: dict):
         torch.set_num_threads(spec["threads"])
     if spec["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset needs a CUDA GPU, and torch.cuda.is_available() is False")
-    raw = (run_trl if spec["impl"] == "trl" else run_ours)(spec)
+    raw = {"trl": run_trl, "bare": run_bare, "ours": run_ours}[spec["impl"]](spec)
     result = summarize(spec, raw)
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -463,7 +496,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed steps first")
     p.add_argument("--batch-size", type=int, help="pairs (DPO) or examples (SFT) per step")
     p.add_argument("--max-length", type=int, help="prompt + response tokens at most")
-    p.add_argument("--only", choices=["ours", "trl"], help="run only one implementation")
+    p.add_argument("--only", nargs="+", choices=["ours", "trl", "bare"],
+                   help="run only these implementations")
     p.add_argument("--optimizer", default="RMSprop", help="torch.optim class for both trainers")
     p.add_argument("--configs", nargs="+", help="run only these configurations "
                    f"({', '.join(dict.fromkeys(c[0] for c in CONFIGS))})")
@@ -514,7 +548,7 @@ def main(argv=None):
     have_trl = importlib.util.find_spec("trl") is not None
     done, failed = {}, False
     for config, impl, loss, reference, levers, compare in CONFIGS:
-        if (args.only and impl != args.only) or (args.configs and config not in args.configs):
+        if (args.only and impl not in args.only) or (args.configs and config not in args.configs):
             continue
         line = dict(header, config=config, impl=impl, loss=loss, reference=reference,
                     levers=list(levers) + (["compile=true"] if args.compile else []))
@@ -524,10 +558,11 @@ def main(argv=None):
             result = run_config(base, config, impl, loss, reference, levers, workdir)
             line.update(result)
             failed |= "error" in result
-            for trl_config in compare:
-                other = done.get((trl_config, "trl"))
+            peer = "bare" if loss == "sft" else "trl"  # SFT's peer is the bare step
+            for peer_config in compare:
+                other = done.get((peer_config, peer))
                 if "error" not in result and other and "step_time_s" in other:
-                    key = "vs_trl" if trl_config == config else f"vs_trl_{trl_config}"
+                    key = f"vs_{peer}" + ("" if peer_config == config else f"_{peer_config}")
                     line[key] = ratios(line, other)
         done[(config, impl)] = line
         text = json.dumps(line)
