@@ -49,6 +49,8 @@ def check_config(cfg: DictConfig):
         raise ValueError(f"save_every={every!r}: use an example count (e.g. 10000) or epoch_N")
     if not 0 < cfg.data_fraction <= 1:
         raise ValueError(f"data_fraction={cfg.data_fraction} must be in (0, 1]")
+    if cfg.amp_dtype not in (None, "bfloat16", "float16"):
+        raise ValueError(f"amp_dtype={cfg.amp_dtype!r}: use bfloat16, float16 or null")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below "
                          f"max_length={cfg.max_length}")

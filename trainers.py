@@ -103,6 +103,11 @@ class BasicTrainer:
         from ONE forward over the batch: packed rows (packing / prefix_sharing) or the padded
         [chosen; rejected] concatenation."""
         cfg, paired = self.cfg, self.spec.paired
+        with torch.autocast(self.device.type, dtype=getattr(torch, cfg.amp_dtype or "float32"),
+                            enabled=cfg.amp_dtype is not None):
+            return self._forward(model, batch, cfg, paired)
+
+    def _forward(self, model, batch, cfg, paired):
         if cfg.packing or (cfg.prefix_sharing and paired):
             packed = pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
                           row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,

@@ -164,3 +164,34 @@ def test_dpo_run_with_levers_matches_plain_run(tmp_path):
                 assert fast[key] == pytest.approx(value, abs=2e-4, rel=1e-4), (plain["step"], key)
                 compared += 1
     assert compared > 20 and rows["plain"][-1]["loss/eval"] != pytest.approx(0.6931, abs=1e-3)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_stays_close(toy_pairs):
+    """amp_dtype=bfloat16: the forward runs in bf16 (so log-probs move by bf16 rounding, not more),
+    parameters and their gradients stay float32."""
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    ref, _, g_ref = logps_and_grads(model, lambda: padded_logps(model, toy_pairs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _, g = logps_and_grads(model, lambda: padded_logps(model, toy_pairs))
+    assert not torch.equal(got, ref)  # autocast really changed the arithmetic
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.5)  # sums over ~40 tokens each
+    assert all(p.dtype == torch.float32 and g[k].dtype == torch.float32
+               for k, p in model.named_parameters())
+    cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in g.values()]),
+                                                torch.cat([v.flatten() for v in g_ref.values()]), 0)
+    assert cos > 0.99
+
+
+def test_amp_run_end_to_end(tmp_path):
+    from tests.test_train import run
+    from harness.run_logging import read_metrics
+    from train import check_config
+    from tests.test_config import make
+    with pytest.raises(ValueError, match="amp_dtype='fp8'"):
+        check_config(make("amp_dtype=fp8"))
+    run_dir = run(tmp_path, "amp_dtype=bfloat16", "packing=true", "n_examples=32")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r["loss/eval"] for r in rows if "loss/eval" in r]
+    assert len(evals) == 2 and all(0 < v < 100 for v in evals)
+    state = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
+    assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32
