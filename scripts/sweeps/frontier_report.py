@@ -22,6 +22,8 @@ from harness.checkpoints import atomic_write_text  # noqa: E402
 from harness.sweep_summary import (find_runs, flat_config, latest_evaluation,  # noqa: E402
                                    varying_keys)
 
+SETTING_KEYS = ("loss.beta", "loss.label_smoothing")
+
 
 def _row(method: str, setting: dict, result: dict, run: str) -> dict:
     return {"method": method, "setting": setting, "gold": result["gold_reward"],
@@ -41,7 +43,9 @@ def collect_rows(sweep: Path) -> list[dict]:
     for folder in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "sft"):
         runs = [r for r in find_runs(folder) if latest_evaluation(r)]
         configs = [flat_config(r) for r in runs]
-        keys = [k for k in varying_keys(configs) if k != "exp_name"]
+        # the swept keys, and beta / label smoothing even when a method has a single run
+        keys = [k for k in SETTING_KEYS if any(k in c for c in configs)]
+        keys += [k for k in varying_keys(configs) if k not in keys and k != "exp_name"]
         method_rows = [_row(folder.name, {k: c.get(k) for k in keys}, latest_evaluation(r),
                             str(r.relative_to(sweep))) for r, c in zip(runs, configs)]
         rows += sorted(method_rows, key=lambda r: [str(v) if not isinstance(v, (int, float))
