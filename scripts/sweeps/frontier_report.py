@@ -106,7 +106,8 @@ def plot(rows: list[dict], path: str, title: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    others = [m for m in methods if m not in ("base", "sft")]
+    colours = {"base": "grey", "sft": "black", **{m: plt.cm.tab10(i) for i, m in enumerate(others)}}
     for method in methods:
         pts = [r for r in rows if r["method"] == method]
         style = dict(marker="*", markersize=14) if method in ("base", "sft") else dict(marker="o")
