@@ -39,9 +39,9 @@ if [ "$MODE" = full ]; then
 else
   OUT=${OUT:-.cache/frontier_quick}
   SFT_ARGS="n_epochs=8"
-  PREF_ARGS="n_epochs=1"
-  BETAS_DPO="1.0"
-  BETAS_IPO="0.3"
+  PREF_ARGS="n_epochs=2"
+  BETAS_DPO="0.3"
+  BETAS_IPO="0.1"
   EVAL_ARGS="--n-prompts 100"
 fi
 
@@ -87,7 +87,11 @@ $PY scripts/evaluate.py "${CKPTS[@]}" --reference "$SFT" $EVAL_ARGS
 $PY scripts/evaluate.py assets/tiny_model --reference "$SFT" $EVAL_ARGS \
   --out "$OUT/sft/base_model_eval.json"
 
-REPORT_DIR=$OUT
-[ "$MODE" = full ] && REPORT_DIR=docs
+# the full mode's report is the committed one; quick mode reports inside its sweep folder
+if [ "$MODE" = full ]; then REPORT_DIR=docs; FLAG=""; else REPORT_DIR=$OUT; FLAG=" --quick"; fi
+mkdir -p "$REPORT_DIR"
+LISTED=$(for row in "${METHODS[@]}"; do printf '%s `%s`; ' "${row%%|*}" "${row#*|}"; done)
 $PY scripts/sweeps/frontier_report.py "$OUT" --md "$REPORT_DIR/frontier.md" \
-  --png "$REPORT_DIR/frontier.png"
+  --png "$REPORT_DIR/frontier.png" --settings "Made by \`bash scripts/sweeps/frontier.sh$FLAG\` \
+($MODE mode), every run on the tiny model with config/model/tiny.yaml defaults plus: SFT \`$SFT_ARGS\`; \
+$LISTED evaluation \`$EVAL_ARGS\`, seed 0, temperature 1, top_p 1, 64 new tokens at most."

@@ -76,8 +76,8 @@ def verdicts(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict], v: dict, title: str) -> str:
-    lines = [f"# {title}", "",
+def markdown(rows: list[dict], v: dict, title: str, settings: str = "") -> str:
+    lines = [f"# {title}", "", *([settings, ""] if settings else []),
              "Gold reward and KL(policy || SFT) per sequence on the held-out toy prompts, one sample",
              "per prompt, mean +- 95% interval (1.96 standard errors). Win rate: against the SFT",
              "model's samples under the gold reward, a tie counting half.", "",
@@ -139,14 +139,16 @@ def main(argv=None) -> dict:
     p.add_argument("--md", required=True)
     p.add_argument("--png", required=True)
     p.add_argument("--title", default="Reward vs KL frontier on the toy task (tiny model)")
+    p.add_argument("--settings", default="", help="a line on how the sweep was run, for the table")
     args = p.parse_args(argv)
     rows = collect_rows(Path(args.sweep))
     v = verdicts(rows)
-    atomic_write_text(args.md, markdown(rows, v, args.title))
+    text = markdown(rows, v, args.title, args.settings)
+    atomic_write_text(args.md, text)
     atomic_write_text(str(Path(args.md).with_suffix(".json")),
                       json.dumps({"rows": rows, "verdicts": v}, indent=2) + "\n")
     plot(rows, args.png, args.title)
-    print(markdown(rows, v, args.title))
+    print(text)
     print(f"wrote {args.md}, {args.png}, {Path(args.md).with_suffix('.json')}")
     return v
 
