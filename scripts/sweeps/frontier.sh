@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reward-vs-KL frontier on the bundled toy task (the DPO paper's Figure 2, laptop-sized).
 #
-#   bash scripts/sweeps/frontier.sh            # full mode (~25 min on 2 CPU cores) -> docs/
+#   bash scripts/sweeps/frontier.sh            # full mode (~5 min on 2 busy CPU cores) -> docs/
 #   bash scripts/sweeps/frontier.sh --quick    # CI mode (a few minutes): one beta per method
 #   bash scripts/sweeps/frontier.sh --out DIR  # sweep and report into DIR (docs/ stays untouched)
 #
