@@ -47,8 +47,9 @@ else
 fi
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
-# Every row trains from the SFT checkpoint (model.archive) and is evaluated against it.
-# To add a method, add one row here.
+# Every row trains from the SFT checkpoint (model.archive) and is evaluated against it. The
+# overrides are train.py command-line overrides; comma lists are swept (Hydra multirun). To add
+# a method, add one row; its runs need only end with RUN/LATEST/policy.pt, as train.py's do.
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
   "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
