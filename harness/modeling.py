@@ -122,3 +122,19 @@ def plain_sequence_logps(model, input_ids, attention_mask, labels):
     mask = targets != -100
     token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def save_hf_model(config, state: dict, out_dir):
+    """A Hugging Face model dir (save_pretrained) from a config and a full state dict, e.g. one
+    gathered from shards or with LoRA adapters merged: the weights are built on the meta device
+    and take the given tensors in place, so no second copy of the model is made."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ValueError(f"state does not match {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.save_pretrained(out_dir, safe_serialization=True)

@@ -39,17 +39,29 @@ def compute_reference_logps(forward, reference_model, batches, total: int) -> di
     return table
 
 
-def load_or_compute(cache_dir, key: str, compute) -> dict:
-    path = Path(cache_dir) / "reference_logps" / f"{key}.pt"
-    if path.exists():
-        print(f"reference log-probs: cached at {path}")
-        return torch.load(path, weights_only=True)
-    table = compute()
+def cache_path(cache_dir, key: str) -> Path:
+    return Path(cache_dir) / "reference_logps" / f"{key}.pt"
+
+
+def load_table(path: Path) -> dict:
+    print(f"reference log-probs: cached at {path}")
+    return torch.load(path, weights_only=True)
+
+
+def save_table(path: Path, table: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     torch.save(table, tmp)
     os.replace(tmp, path)
     print(f"reference log-probs: {len(table)} examples cached at {path}")
+
+
+def load_or_compute(cache_dir, key: str, compute) -> dict:
+    path = cache_path(cache_dir, key)
+    if path.exists():
+        return load_table(path)
+    table = compute()
+    save_table(path, table)
     return table
 
 

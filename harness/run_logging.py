@@ -80,6 +80,19 @@ class RunLogger:
             self.wandb.finish()
 
 
+class NullLogger:
+    """What ranks other than 0 log with: nothing (rank 0 logs the metrics of all ranks)."""
+
+    def log(self, metrics: dict, step: int):
+        pass
+
+    def log_samples(self, step: int, rows: list[dict]):
+        pass
+
+    def close(self):
+        pass
+
+
 def read_metrics(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
