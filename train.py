@@ -83,6 +83,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if key.split(".")[0] in RESUME_OVERRIDABLE:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     saved.resume = cfg.resume
+    saved.local_run_dir = os.path.abspath(cfg.resume)  # the run dir, even if it was moved
     return saved
 
 

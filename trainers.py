@@ -75,7 +75,8 @@ class BasicTrainer:
         self.logger = NullLogger() if not self.is_main else RunLogger(
             run_dir, OmegaConf.to_container(config, resolve=True),
             config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
-            config.exp_name, resume_step=self.state.examples if resume else None)
+            config.exp_name, resume_step=self.state.examples if resume else None,
+            evaluated_at_resume=self.state.last_eval == self.state.examples)
 
     def wrap(self, model, train: bool = True):
         """Apply parallelism to a loaded model (distributed trainers); here only checkpointing."""
