@@ -12,7 +12,6 @@ NCCL on GPU, gloo on CPU. A run in one process (BasicTrainer) never creates a pr
 import os
 import socket
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -138,8 +137,9 @@ def shard_batch(batch: dict, part: int, n_parts: int) -> tuple[dict, int]:
     because every rank must run the same forward and backward passes (FSDP gathers parameters
     collectively in each)."""
     size = len(batch["uid"])
-    bounds = np.linspace(0, size, n_parts + 1).round().astype(int) if n_parts > 1 else [0, size]
-    start, stop = int(bounds[part]), int(bounds[part + 1])
+    share, extra = divmod(size, n_parts)  # the first `extra` parts get one more
+    start = part * share + min(part, extra)
+    stop = start + share + (part < extra)
     if stop == start:
         return {k: v[0:1] for k, v in batch.items()}, 0
     return {k: v[start:stop] for k, v in batch.items()}, stop - start

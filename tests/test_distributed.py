@@ -122,3 +122,34 @@ def test_sharded_resume_on_one_and_two_ranks(runs, ranks):
                              env=env(), capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-4000:]
     assert_same_run(full, killed)
+
+
+def test_lora_dpo_under_fsdp(runs):
+    """LoRA DPO on 2 ranks: the reference is the policy with adapters off (so the first eval sits
+    exactly at log 2), training moves only the adapters, and the checkpoint's peft adapter, its
+    merged policy.pt and its merged HF export are the same model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from harness.modeling import load_model, sequence_logps
+    run_dir = launch(runs["base"], "lora", *DPO, "trainer=FSDPTrainer", "model.lora.r=4",
+                     "model.lora.alpha=8", "precompute_reference=false", "export_hf=true",
+                     "lr=1e-2")
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/eval" in r]
+    assert evals[0]["loss/eval"] == pytest.approx(0.693147, abs=1e-5)
+    assert evals[0]["rewards_eval/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert evals[-1]["rewards_eval/margins"] != evals[0]["rewards_eval/margins"]
+    ckpt = run_dir / "LATEST"
+    base = load_model("assets/tiny_model", "float32")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = torch.load(ckpt / "policy.pt", weights_only=True)["state"]
+    assert set(merged) == set(base_state)
+    changed = {k for k in merged if not torch.equal(merged[k], base_state[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    adapted = PeftModel.from_pretrained(base, ckpt / "adapter").eval()
+    exported = AutoModelForCausalLM.from_pretrained(ckpt / "hf").eval()
+    ids = torch.randint(2, 768, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask, labels = torch.ones_like(ids), ids.clone()
+    with torch.no_grad():
+        a = sequence_logps(adapted.get_base_model(), ids, mask, labels)[0]
+        b = sequence_logps(exported, ids, mask, labels)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
