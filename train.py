@@ -45,6 +45,12 @@ def check_config(cfg: DictConfig, world_size: int = 1):
         if str(spec).split(":", 1)[0] not in DATASETS:
             raise ValueError(f"unknown dataset {spec!r} in datasets=; registered: {sorted(DATASETS)}")
     check_batch_split(cfg, world_size)
+    rank = OmegaConf.select(cfg, "model.lora.r")
+    if rank is not None and not (isinstance(rank, int) and rank > 0):
+        raise ValueError(f"model.lora.r={rank!r} must be a positive integer rank (null = no LoRA)")
+    if rank and cfg.trainer.name == "TensorParallelTrainer":
+        raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; use "
+                         "trainer=FSDPTrainer or BasicTrainer for LoRA")
     every = cfg.save_every
     if every is not None and not (isinstance(every, int) and every > 0) and not (
             isinstance(every, str) and every.startswith("epoch_") and every[6:].isdigit()):
