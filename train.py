@@ -119,6 +119,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
 def _run(cfg: DictConfig) -> str:
     from harness import lora
     from harness.modeling import load_model, load_tokenizer
+    from harness.parallel import single_process_device_map
     from harness.objectives import needs_reference
     from trainers import TRAINERS
     trainer_cls = TRAINERS[cfg.trainer.name]
@@ -137,14 +138,16 @@ def _run(cfg: DictConfig) -> str:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
     archive = None if resume else cfg.model.archive  # a resumed run restores its own weights
-    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
+    # distributed trainers place (and shard) the model themselves
+    device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None
+    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map)
     reference = None
     if lora.enabled(cfg.model):
         policy = lora.apply_lora(policy, cfg.model.lora)
         reference = policy if needs_reference(cfg.loss) else None  # adapters off = the base
     elif needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
-                               cfg.model.archive).eval()
+                               cfg.model.archive, device_map).eval()
     trainer = trainer_cls(policy, tokenizer, cfg, run_dir, reference, resume)
     trainer.train()
     print(f"done: {run_dir}")

@@ -44,12 +44,14 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str, archive: str | None = None):
-    """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights."""
+def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None):
+    """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights.
+    device_map: where the weights go (transformers/accelerate syntax); None keeps them on CPU."""
     from transformers import AutoModelForCausalLM
     path = check_model_source(name_or_path)
+    extra = {"device_map": device_map} if device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 low_cpu_mem_usage=True)
+                                                 low_cpu_mem_usage=True, **extra)
     if archive:
         load_archive(model, archive)
     return model
@@ -100,9 +102,10 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4
     targets = labels[:, 1:]
     mask = targets != -100
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    rows = hidden[:, :-1][mask]
-    row_targets = targets[mask]
     head = model.get_output_embeddings()
+    # with a layer split over GPUs (device_map) the last block and the head may sit elsewhere
+    rows = hidden[:, :-1][mask.to(hidden.device)].to(head.weight.device)
+    row_targets = targets[mask].to(head.weight.device)
     pieces = []
     for start in range(0, rows.shape[0], chunk_size):
         args = (rows[start:start + chunk_size], head.weight, head.bias,
@@ -110,6 +113,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4
         pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
                       if torch.is_grad_enabled() else _chunk_logps(*args))
     row_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    row_logps = row_logps.to(input_ids.device)
     seq_index = mask.nonzero()[:, 0]
     logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return logps.index_add(0, seq_index, row_logps), mask.sum(-1)

@@ -119,6 +119,13 @@ def apply_fsdp(model: nn.Module, dp_mesh, block_name: str | None, mp_dtype: str 
     return model
 
 
+def single_process_device_map():
+    """Where BasicTrainer puts a model: the one GPU, or over several GPUs the reference code's
+    naive layer split (consecutive blocks per GPU, one GPU busy at a time); None on CPU."""
+    n = torch.cuda.device_count()
+    return None if n == 0 else {"": 0} if n == 1 else "balanced"
+
+
 def build_mesh(dp: int, tp: int):
     from torch.distributed.device_mesh import init_device_mesh
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""Reference log-probs computed once, in inference mode, and cached on disk.
+"""Reference log-probs computed once, without autograd, and cached on disk.
 
 DPO needs log pi_ref(y) for every chosen and rejected response, which never change during
 training. Computing them in one pre-pass lets the reference model leave memory before the first
@@ -31,7 +31,9 @@ def compute_reference_logps(forward, reference_model, batches, total: int) -> di
     """{uid: (chosen_logp, rejected_logp)} over `batches`; forward(model, batch) returns two
     [batch] tensors."""
     table = {}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: with LoRA the reference IS the policy, and FSDP would keep
+    # parameter buffers gathered here as inference tensors that training cannot backprop through
+    with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="reference log-probs", leave=False):
             chosen, rejected = forward(reference_model, batch)
             for uid, c, r in zip(batch["uid"], chosen.tolist(), rejected.tolist()):
