@@ -13,8 +13,9 @@ from harness import checkpoints, distributed, parallel, reference_cache
 
 class DistributedMixin:
     """What FSDPTrainer and TensorParallelTrainer add to BasicTrainer (listed first among their
-    bases, so these methods override its single-process ones): the ranks' view of batches, clipping of
-    sharded gradients, gathered and sharded checkpoints, a distributed reference pre-pass."""
+    bases, so these methods override its single-process ones): the ranks' view of batches,
+    clipping of sharded gradients, gathered and sharded checkpoints, a distributed reference
+    pre-pass."""
     sharded_checkpoints = True
 
     def __init__(self, policy, tokenizer, config, *args, **kwargs):

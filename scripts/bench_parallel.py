@@ -10,10 +10,12 @@ chunked log-prob head (harness/modeling.py), the SFT loss, backward, clipping
 (harness/parallel.py) and AdamW, with the model wrapped by harness/parallel.py exactly as
 FSDPTrainer / TensorParallelTrainer wrap it. One JSON line per rank goes to stdout:
 step_s (median seconds per optimizer step), peak_mib (peak RSS on CPU, or max allocated CUDA
-memory, during the timed steps), setup_peak_mib (peak while building and wrapping the model).
+memory, during the timed steps), setup_peak_mib (peak while building and wrapping the model),
+after_setup_mib (memory held once the model is wrapped, before the first step).
 """
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -50,7 +52,10 @@ def reset_peak(cuda: bool):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart VmHWM from current RSS
+        # hand freed heap pages back first (glibc keeps them otherwise: the full model each rank
+        # loaded before sharding would stay in RSS), then restart VmHWM from the current RSS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(args):
@@ -88,6 +93,8 @@ def worker(args):
     ids = ids.to(distributed.device())
     mask, labels = torch.ones_like(ids), ids.clone()
     setup_peak = peak_mib(cuda)
+    reset_peak(cuda)
+    after_setup = peak_mib(cuda)
     times = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -110,6 +117,7 @@ def worker(args):
                       "step_s": round(statistics.median(times), 3),
                       "peak_mib": round(peak_mib(cuda), 1),
                       "setup_peak_mib": round(setup_peak, 1),
+                      "after_setup_mib": round(after_setup, 1),
                       "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads()}),
           flush=True)
     dist.destroy_process_group()
