@@ -157,10 +157,11 @@ def _run(cfg: DictConfig) -> str:
 @hydra.main(version_base="1.3", config_path="config", config_name="config")
 def main(cfg: DictConfig):
     overrides = list(HydraConfig.get().overrides.task)
-    nproc = distributed.processes_to_spawn(cfg)
+    launch = resumed_config(cfg, overrides) if cfg.resume else cfg  # a resume keeps its trainer
+    nproc = distributed.processes_to_spawn(launch)
     if nproc:  # `python train.py trainer=FSDPTrainer`: start the local ranks ourselves
-        check_config(cfg if not cfg.resume else resumed_config(cfg, overrides), nproc)
-        distributed.spawn(run, nproc, cfg.fsdp_port, cfg, overrides)
+        check_config(launch, nproc)
+        distributed.spawn(run, nproc, launch.fsdp_port, cfg, overrides)
     else:
         run(cfg, overrides)
 
