@@ -388,13 +388,7 @@ class FSDPTrainer(DistributedMixin, BasicTrainer):
     """FSDP2: every block and the root sharded over all ranks (pure data parallelism)."""
 
     def wrap(self, model, train: bool = True):
-        if train and self.cfg.activation_checkpointing:
-            parallel.apply_ac(model)
-        return parallel.apply_fsdp(model, self.mesh["dp"], self.cfg.model.block_name,
-                                   self.cfg.model.fsdp_policy_mp, self.cfg.trainer.cpu_offload)
-
-    def sync_gradients(self, now: bool):
-        self.policy.set_requires_gradient_sync(now)
+        return parallel.parallelize(model, self.mesh, self.cfg, train)
 
 
 class TensorParallelTrainer(FSDPTrainer):
@@ -404,22 +398,6 @@ class TensorParallelTrainer(FSDPTrainer):
     @staticmethod
     def tensor_parallel_size(config, world: int) -> int:
         return config.trainer.tp_size or world
-
-    def wrap(self, model, train: bool = True):
-        if lora.is_lora(model):
-            raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; "
-                             "use trainer=FSDPTrainer (or BasicTrainer) for LoRA")
-        parallel.apply_tp(model.to(distributed.device()), self.mesh["tp"])
-        if train and self.cfg.activation_checkpointing:
-            parallel.apply_ac(model)
-        if self.dp_size > 1:
-            parallel.apply_fsdp(model, self.mesh["dp"], self.cfg.model.block_name,
-                                self.cfg.model.fsdp_policy_mp, self.cfg.trainer.cpu_offload)
-        return model
-
-    def sync_gradients(self, now: bool):
-        if self.dp_size > 1:
-            self.policy.set_requires_gradient_sync(now)
 
 
 TRAINERS = {cls.__name__: cls for cls in (BasicTrainer, FSDPTrainer, TensorParallelTrainer)}

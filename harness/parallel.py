@@ -14,7 +14,8 @@ from types import MethodType
 import torch
 from torch import nn
 
-from harness.lora import causal_lm
+from harness import distributed
+from harness.lora import causal_lm, is_lora
 from harness.modeling import sequence_logps
 
 
@@ -117,6 +118,29 @@ def apply_fsdp(model: nn.Module, dp_mesh, block_name: str | None, mp_dtype: str 
     register_fsdp_forward_method(model, "sequence_logps")
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def parallelize(model: nn.Module, mesh, cfg, train: bool = True) -> nn.Module:
+    """apply_tp -> apply_ac -> apply_fsdp, in torchtitan's order, as far as the mesh asks: tensor
+    parallelism over a "tp" dimension if the mesh has one, FSDP over "dp" unless that is a
+    single rank beside tensor parallelism. Reference models (train=False) skip checkpointing."""
+    tensor_parallel = "tp" in (mesh.mesh_dim_names or ())
+    if tensor_parallel:
+        if is_lora(model):
+            raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; "
+                             "use trainer=FSDPTrainer (or BasicTrainer) for LoRA")
+        apply_tp(model.to(distributed.device()), mesh["tp"])
+    if train and cfg.activation_checkpointing:
+        apply_ac(model)
+    if not tensor_parallel or mesh["dp"].size() > 1:
+        apply_fsdp(model, mesh["dp"], cfg.model.block_name, cfg.model.fsdp_policy_mp,
+                   cfg.trainer.get("cpu_offload", False))
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def single_process_device_map():

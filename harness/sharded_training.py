@@ -35,6 +35,10 @@ class DistributedMixin:
                                         self.cfg.logits_chunk_size)
         return super().logps(model, input_ids, attention_mask, labels)
 
+    def sync_gradients(self, now: bool):
+        if parallel.is_fsdp(self.policy):  # no data-parallel reduction in pure TP
+            self.policy.set_requires_gradient_sync(now)
+
     def clip_gradients(self) -> float:
         return parallel.clip_grad_norm(list(self.policy.parameters()), self.cfg.max_grad_norm)
 
