@@ -116,3 +116,17 @@ def test_lora_reference_is_the_base_model(model):
     assert all(not p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
     with pytest.raises(ValueError, match="model.lora.r=0"):
         lora.apply_lora(LlamaForCausalLM(model.config), make("model.lora.r=0").model.lora)
+
+
+def test_self_launch_checks_the_batch_before_starting_processes(tmp_path):
+    """`python train.py trainer=FSDPTrainer nproc_per_node=2` with a batch 2 ranks cannot split
+    fails at once, naming the numbers, and no process, run dir or model is started."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "train.py"), "trainer=FSDPTrainer",
+                          "nproc_per_node=2", "batch_size=5", f"local_dirs=[{tmp_path}]"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "batch_size=5 is not divisible by gradient_accumulation_steps=1 x 2" in out.stderr
+    assert "starting 2 processes" not in out.stdout and not list(tmp_path.glob("toy_sft_*"))
