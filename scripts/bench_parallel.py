@@ -11,7 +11,8 @@ chunked log-prob head (harness/modeling.py), the SFT loss, backward, clipping
 FSDPTrainer / TensorParallelTrainer wrap it. One JSON line per rank goes to stdout:
 step_s (median seconds per optimizer step), peak_mib (peak RSS on CPU, or max allocated CUDA
 memory, during the timed steps), setup_peak_mib (peak while building and wrapping the model),
-after_setup_mib (memory held once the model is wrapped, before the first step).
+after_setup_mib (memory held once the model is wrapped, before the first step). On CPU the
+workers run with MALLOC_MMAP_THRESHOLD_=65536 (unless set), so RSS follows live memory.
 """
 
 import argparse
@@ -141,7 +142,10 @@ def main():
                "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
             (["--mp", args.mp] if args.mp else []) + (["--ac"] if args.ac else [])
         print(f"[bench_parallel] {mode}: {MODES[mode]} process(es)", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        # glibc otherwise serves frees up to 32 MiB from its heap and keeps them, so peak RSS
+        # would count freed buffers (FSDP's gathers) as live memory; mmap'd blocks are returned
+        env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode or not lines:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
