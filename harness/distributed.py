@@ -65,15 +65,15 @@ def init(cfg) -> bool:
             raise ValueError("trainer=BasicTrainer runs in one process; under torchrun use "
                              "trainer=FSDPTrainer or trainer=TensorParallelTrainer")
         return False
-    # a distributed trainer in one process (no torchrun, one device) is a group of one
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(cfg.fsdp_port or free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if under_torchrun():
+        dist.init_process_group(backend)
+    else:  # a distributed trainer in one process (no torchrun, one device): a group of one,
+        # set up without touching os.environ, which child processes would inherit
+        dist.init_process_group(backend, rank=0, world_size=1, init_method=(
+            f"tcp://127.0.0.1:{cfg.fsdp_port or free_port()}"))
     return True
 
 
