@@ -20,8 +20,8 @@ from harness.checkpoints import atomic_write_text, get_local_run_dir, load_for_r
 
 # keys a resumed run may change on the command line; everything else comes from the run's config
 RESUME_OVERRIDABLE = ("n_epochs", "n_examples", "eval_every", "save_every", "keep_last", "debug",
-                      "nproc_per_node",
-                      "wandb", "minimum_log_interval_secs", "export_hf", "sample_during_eval")
+                      "wandb", "minimum_log_interval_secs", "export_hf", "sample_during_eval",
+                      "nproc_per_node")
 
 
 def check_config(cfg: DictConfig, world_size: int = 1):

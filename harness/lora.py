@@ -11,7 +11,6 @@ Hugging Face export give a plain model.
 from contextlib import nullcontext
 
 
-
 def enabled(model_cfg) -> bool:
     lora = model_cfg.get("lora")
     return bool(lora and lora.get("r"))
