@@ -138,16 +138,18 @@ def _run(cfg: DictConfig) -> str:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
     archive = None if resume else cfg.model.archive  # a resumed run restores its own weights
-    # distributed trainers place (and shard) the model themselves
+    # distributed trainers place (and shard) the model themselves, and only rank 0 reads the
+    # weights: the others build the bare architecture and receive their shards from it
     device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None
-    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map)
+    meta = trainer_cls.sharded_checkpoints and not distributed.is_main()
+    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
     reference = None
     if lora.enabled(cfg.model):
         policy = lora.apply_lora(policy, cfg.model.lora)
         reference = policy if needs_reference(cfg.loss) else None  # adapters off = the base
     elif needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
-                               cfg.model.archive, device_map).eval()
+                               cfg.model.archive, device_map, meta).eval()
     trainer = trainer_cls(policy, tokenizer, cfg, run_dir, reference, resume)
     trainer.train()
     print(f"done: {run_dir}")

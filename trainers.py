@@ -385,10 +385,8 @@ class BasicTrainer:
 
 
 class FSDPTrainer(DistributedMixin, BasicTrainer):
-    """FSDP2: every block and the root sharded over all ranks (pure data parallelism)."""
-
-    def wrap(self, model, train: bool = True):
-        return parallel.parallelize(model, self.mesh, self.cfg, train)
+    """FSDP2: every block and the root sharded over all ranks (pure data parallelism); the
+    wrapping itself is parallel.parallelize, through DistributedMixin.wrap."""
 
 
 class TensorParallelTrainer(FSDPTrainer):

@@ -44,11 +44,17 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None):
+def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None,
+               meta: bool = False):
     """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights.
-    device_map: where the weights go (transformers/accelerate syntax); None keeps them on CPU."""
-    from transformers import AutoModelForCausalLM
+    device_map: where the weights go (transformers/accelerate syntax); None keeps them on CPU.
+    meta=True: the architecture only, no weights in memory (ranks that get theirs from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = check_model_source(name_or_path)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                    dtype=getattr(torch, dtype))
     extra = {"device_map": device_map} if device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                  low_cpu_mem_usage=True, **extra)

@@ -129,12 +129,29 @@ def parallelize(model: nn.Module, mesh, cfg, train: bool = True) -> nn.Module:
         if is_lora(model):
             raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; "
                              "use trainer=FSDPTrainer (or BasicTrainer) for LoRA")
-        apply_tp(model.to(distributed.device()), mesh["tp"])
+        apply_tp(model, mesh["tp"])
     if train and cfg.activation_checkpointing:
         apply_ac(model)
     if not tensor_parallel or mesh["dp"].size() > 1:
         apply_fsdp(model, mesh["dp"], cfg.model.block_name, cfg.model.fsdp_policy_mp,
                    cfg.trainer.get("cpu_offload", False))
+    return model
+
+
+def load_from_rank0(model: nn.Module, full_state: dict, buffers: dict):
+    """After parallelize on the meta device: real (uninitialised) storage on every rank, then
+    rank 0, which read the weights, sends each rank its shards of `full_state` and a copy of
+    every buffer (e.g. rotary tables, which no state dict holds). Both are empty elsewhere."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device=distributed.device())
+    causal_lm(model).tie_weights()  # to_empty gives tied parameters separate storage
+    set_model_state_dict(model, full_state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if name in buffers:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
     return model
 
 

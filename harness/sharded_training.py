@@ -8,7 +8,7 @@ FSDPTrainer and TensorParallelTrainer then only say how the model is wrapped.
 
 import shutil
 
-from harness import checkpoints, distributed, parallel, reference_cache
+from harness import checkpoints, distributed, lora, parallel, reference_cache
 
 
 class DistributedMixin:
@@ -28,6 +28,16 @@ class DistributedMixin:
     @staticmethod
     def tensor_parallel_size(config, world: int) -> int:
         return 1
+
+    def wrap(self, model, train: bool = True):
+        """Shard the model (rank 0 holds its weights; the other ranks built it on meta)."""
+        full_state = model.state_dict() if self.is_main else {}  # references, not copies
+        buffers = {k: b.clone() for k, b in model.named_buffers()} if self.is_main else {}
+        # every rank shards an empty model alike: sharding real tensors (TP) communicates
+        model = model.to("meta")
+        lora.causal_lm(model).tie_weights()  # moving rank 0's real tensors to meta untied them
+        model = parallel.parallelize(model, self.mesh, self.cfg, train)
+        return parallel.load_from_rank0(model, full_state, buffers)
 
     def logps(self, model, input_ids, attention_mask, labels):
         if hasattr(model, "sequence_logps"):  # FSDP gathers the root's parameters around it
