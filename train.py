@@ -3,6 +3,7 @@
     python train.py                                   # SFT of the bundled tiny model on toy data
     python train.py loss=dpo loss.beta=0.1 model.archive=RUN/LATEST/policy.pt
     python train.py resume=RUN_DIR                    # continue a killed run exactly
+    torchrun --nproc_per_node 8 train.py trainer=FSDPTrainer ...   # or plain python: it spawns
 """
 
 import os
@@ -14,15 +15,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from harness import distributed
 from harness.checkpoints import atomic_write_text, get_local_run_dir, load_for_resume
 
 # keys a resumed run may change on the command line; everything else comes from the run's config
 RESUME_OVERRIDABLE = ("n_epochs", "n_examples", "eval_every", "save_every", "keep_last", "debug",
-                      "wandb", "minimum_log_interval_secs", "export_hf", "sample_during_eval")
+                      "wandb", "minimum_log_interval_secs", "export_hf", "sample_during_eval",
+                      "nproc_per_node")
 
 
-def check_config(cfg: DictConfig):
-    """Every check that needs no model, so bad input fails in a second, not after loading 70B."""
+def check_config(cfg: DictConfig, world_size: int = 1):
+    """Every check that needs no model, so bad input fails in a second, not after loading 70B.
+    world_size: the number of ranks the run will have."""
     from preference_datasets import DATASETS
     from harness.objectives import get_loss_spec, loss_kwargs
     from trainers import TRAINERS
@@ -40,9 +44,13 @@ def check_config(cfg: DictConfig):
     for spec in cfg.datasets:
         if str(spec).split(":", 1)[0] not in DATASETS:
             raise ValueError(f"unknown dataset {spec!r} in datasets=; registered: {sorted(DATASETS)}")
-    if cfg.batch_size % cfg.gradient_accumulation_steps:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by "
-                         f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    check_batch_split(cfg, world_size)
+    rank = OmegaConf.select(cfg, "model.lora.r")
+    if rank is not None and not (isinstance(rank, int) and rank > 0):
+        raise ValueError(f"model.lora.r={rank!r} must be a positive integer rank (null = no LoRA)")
+    if rank and cfg.trainer.name == "TensorParallelTrainer":
+        raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; use "
+                         "trainer=FSDPTrainer or BasicTrainer for LoRA")
     every = cfg.save_every
     if every is not None and not (isinstance(every, int) and every > 0) and not (
             isinstance(every, str) and every.startswith("epoch_") and every[6:].isdigit()):
@@ -56,6 +64,22 @@ def check_config(cfg: DictConfig):
                          f"max_length={cfg.max_length}")
 
 
+def check_batch_split(cfg: DictConfig, world_size: int):
+    """batch_size must split evenly into micro-batches and those over the data-parallel ranks."""
+    tp = (cfg.trainer.get("tp_size") or world_size) if cfg.trainer.name == \
+        "TensorParallelTrainer" else 1
+    if world_size % tp:
+        raise ValueError(f"trainer.tp_size={tp} does not divide the {world_size} ranks")
+    dp, accum = world_size // tp, cfg.gradient_accumulation_steps
+    if cfg.batch_size % (accum * dp):
+        good = (cfg.batch_size // (accum * dp) + 1) * accum * dp
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by gradient_accumulation_steps="
+            f"{accum} x {dp} data-parallel rank(s) = {accum * dp}: set batch_size to a multiple "
+            f"of {accum * dp} (e.g. {good}), or change gradient_accumulation_steps or the number"
+            " of processes")
+
+
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The killed run's own config, plus the RESUME_OVERRIDABLE keys given on this command line."""
     saved_path = os.path.join(cfg.resume, "config.yaml")
@@ -67,6 +91,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if key.split(".")[0] in RESUME_OVERRIDABLE:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     saved.resume = cfg.resume
+    saved.local_run_dir = os.path.abspath(cfg.resume)  # the run dir, even if it was moved
     return saved
 
 
@@ -77,38 +102,57 @@ def seed_everything(seed: int):
 
 
 def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
-    """Train as configured; returns the run dir. `overrides` are the command-line overrides."""
-    resume = None
+    """Train as configured; returns the run dir. `overrides` are the command-line overrides.
+    Under torchrun (or spawned by main) every rank runs this; rank 0 owns the run dir."""
     if cfg.resume:
         cfg = resumed_config(cfg, overrides)
-        resume = load_for_resume(cfg.resume)
-    check_config(cfg)
-    from harness.modeling import apply_compile, check_model_source, load_model, load_tokenizer
+    check_config(cfg, distributed.planned_world_size(cfg))
+    from harness.modeling import check_model_source
+    check_model_source(cfg.model.name_or_path)
+    created = distributed.init(cfg)
+    try:
+        return _run(cfg)
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(cfg: DictConfig) -> str:
+    from harness import lora
+    from harness.modeling import load_model, load_tokenizer
+    from harness.parallel import single_process_device_map
     from harness.objectives import needs_reference
     from trainers import TRAINERS
-    check_model_source(cfg.model.name_or_path)
+    trainer_cls = TRAINERS[cfg.trainer.name]
+    resume = load_for_resume(cfg.resume, trainer_cls.sharded_checkpoints) if cfg.resume else None
     OmegaConf.resolve(cfg)
-    if cfg.local_run_dir is None:
-        cfg.local_run_dir = get_local_run_dir(cfg.exp_name, cfg.local_dirs)
+    if cfg.local_run_dir is None:  # rank 0 makes a fresh dir; every rank takes its name
+        cfg.local_run_dir = distributed.broadcast_object(
+            get_local_run_dir(cfg.exp_name, cfg.local_dirs) if distributed.is_main() else None)
     run_dir = cfg.local_run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg))
-    print(OmegaConf.to_yaml(cfg))
-    print(f"run dir: {run_dir}")
+    if distributed.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg))
+        print(OmegaConf.to_yaml(cfg))
+        print(f"run dir: {run_dir}")
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
     archive = None if resume else cfg.model.archive  # a resumed run restores its own weights
-    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
-    if cfg.activation_checkpointing:
-        policy.gradient_checkpointing_enable()
-    if cfg.compile:
-        apply_compile(policy, cfg.model.block_name)
+    # distributed trainers place (and shard) the model themselves, and only rank 0 reads the
+    # weights: the others build the bare architecture and receive their shards from it
+    device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None
+    meta = trainer_cls.sharded_checkpoints and not distributed.is_main()
+    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
     reference = None
-    if needs_reference(cfg.loss):
+    if lora.enabled(cfg.model):
+        policy = lora.apply_lora(policy, cfg.model.lora)
+        reference = policy if needs_reference(cfg.loss) else None  # adapters off = the base
+    elif needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
-                               cfg.model.archive).eval()
-    trainer = TRAINERS[cfg.trainer.name](policy, tokenizer, cfg, run_dir, reference, resume)
+                               cfg.model.archive, device_map, meta).eval()
+    trainer = trainer_cls(policy, tokenizer, cfg, run_dir, reference, resume)
     trainer.train()
     print(f"done: {run_dir}")
     return run_dir
@@ -116,7 +160,14 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
 
 @hydra.main(version_base="1.3", config_path="config", config_name="config")
 def main(cfg: DictConfig):
-    run(cfg, HydraConfig.get().overrides.task)
+    overrides = list(HydraConfig.get().overrides.task)
+    launch = resumed_config(cfg, overrides) if cfg.resume else cfg  # a resume keeps its trainer
+    nproc = distributed.processes_to_spawn(launch)
+    if nproc:  # `python train.py trainer=FSDPTrainer`: start the local ranks ourselves
+        check_config(launch, nproc)
+        distributed.spawn(run, nproc, launch.fsdp_port, cfg, overrides)
+    else:
+        run(cfg, overrides)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,29 @@
 
 BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
 micro-batches -> log -> checkpoint when due. What differs between losses is one step function
-picked from the loss table (harness/objectives.py); FSDPTrainer / TensorParallelTrainer only change how the model is wrapped.
+picked from the loss table (harness/objectives.py). FSDPTrainer / TensorParallelTrainer change
+only how the model is wrapped, which examples a rank sees, how metrics are summed over ranks,
+how gradients are clipped and how checkpoints are gathered; the parallelism itself lives in
+harness/parallel.py and the launch in harness/distributed.py.
 """
 
 import inspect
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from harness import checkpoints, reference_cache
+from harness import checkpoints, distributed, lora, parallel, reference_cache
 from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
-from harness.modeling import packed_sequence_logps, sequence_logps
+from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logps
 from harness.packing import pack
-from harness.run_logging import RunLogger
+from harness.run_logging import NullLogger, RunLogger
+from harness.sharded_training import DistributedMixin
 from preference_datasets import BatchIterator, load_examples
 
 
@@ -55,14 +61,22 @@ def make_optimizer(params, cfg):
 
 
 class BasicTrainer:
+    is_main = True      # this process logs and writes checkpoints
+    dp_size, dp_rank = 1, 0  # data-parallel ranks: each sees 1/dp_size of every batch
+    sharded_checkpoints = False
+
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
-        self.cfg, self.policy, self.tokenizer, self.run_dir = config, policy, tokenizer, run_dir
-        self.reference_model = reference_model
+        self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
         self.spec = get_loss_spec(config.loss.name)
         self.loss_kwargs = loss_kwargs(config.loss)
-        self.device = next(policy.parameters()).device
+        self.policy = self.wrap(policy)
+        # the LoRA policy doubles as its own reference (adapters disabled): wrap it only once
+        self.reference_model = reference_model if reference_model in (None, policy) else \
+            self.wrap(reference_model, train=False)
+        self.device = next(self.policy.parameters()).device
         self._load_data()
-        self.optimizer = make_optimizer(policy.parameters(), config)
+        self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad],
+                                        config)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
@@ -70,10 +84,20 @@ class BasicTrainer:
         if resume is not None:
             self._restore(resume)
         self.reference_table = None
-        self.logger = RunLogger(run_dir, OmegaConf.to_container(config, resolve=True),
-                                config.wandb if not config.debug else OmegaConf.create(
-                                    {"enabled": False}),
-                                config.exp_name, resume_step=self.state.examples if resume else None)
+        self.logger = NullLogger() if not self.is_main else RunLogger(
+            run_dir, OmegaConf.to_container(config, resolve=True),
+            config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
+            config.exp_name, resume_step=self.state.examples if resume else None,
+            evaluated_at_resume=self.state.last_eval == self.state.examples)
+
+    def wrap(self, model, train: bool = True):
+        """Apply parallelism to a loaded model (distributed trainers); here only activation
+        checkpointing and compiling, in torchtitan's order."""
+        if train and self.cfg.activation_checkpointing:
+            parallel.apply_ac(model)
+        if train and self.cfg.compile:
+            parallel.apply_compile(model, self.cfg.model.block_name)
+        return model
 
     # ---- data -------------------------------------------------------------------------------
     def _load_data(self):
@@ -98,6 +122,11 @@ class BasicTrainer:
         return checkpoints.first_usable_dir(self.cfg.local_dirs)
 
     # ---- forward passes ---------------------------------------------------------------------
+    def logps(self, model, fn, *args):
+        """fn(causal LM, *args, chunk_size): sequence_logps or packed_sequence_logps on the model
+        (distributed trainers run it inside FSDP's gathered-parameter context)."""
+        return fn(lora.causal_lm(model), *args, self.cfg.logits_chunk_size)
+
     def forward(self, model, batch):
         """Summed log-probs: (chosen, n_chosen) for SFT; (chosen, rejected, n_c, n_r) for pairs,
         from ONE forward over the batch: packed rows (packing / prefix_sharing) or the padded
@@ -112,7 +141,7 @@ class BasicTrainer:
             packed = pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
                           row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,
                           pad_token_id=self.tokenizer.pad_token_id)
-            logps, n = packed_sequence_logps(model, packed.to(self.device), cfg.logits_chunk_size)
+            logps, n = self.logps(model, packed_sequence_logps, packed.to(self.device))
         else:
             logps, n = self._padded_logps(model, batch)
         if not paired:
@@ -123,18 +152,23 @@ class BasicTrainer:
     def _padded_logps(self, model, batch):
         keys = ("input_ids", "attention_mask", "labels")
         if not self.spec.paired:
-            return sequence_logps(model, *(batch[f"chosen_{k}"].to(self.device) for k in keys),
-                                  self.cfg.logits_chunk_size)
+            return self.logps(model, sequence_logps,
+                              *(batch[f"chosen_{k}"].to(self.device) for k in keys))
         length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
         pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
         cat = lambda k: torch.cat([pad_to(batch[f"{side}_{k}"], length, pad[k])  # noqa: E731
                                    for side in ("chosen", "rejected")]).to(self.device)
-        return sequence_logps(model, *(cat(k) for k in keys), self.cfg.logits_chunk_size)
+        return self.logps(model, sequence_logps, *(cat(k) for k in keys))
 
     def reference_logps(self, batch):
         if self.reference_table is not None:
             return reference_cache.lookup(self.reference_table, batch["uid"], self.device)
-        with torch.no_grad():
+        return self.reference_forward(batch)
+
+    def reference_forward(self, batch):
+        """(chosen, rejected) log-probs under the reference: a frozen model, or the LoRA policy
+        with its adapters switched off."""
+        with torch.no_grad(), lora.adapters_disabled(self.reference_model):
             return self.forward(self.reference_model, batch)[:2]
 
     def prepare_reference(self):
@@ -150,20 +184,34 @@ class BasicTrainer:
                              self.cfg.model.name_or_path, "max_length": self.cfg.max_length,
                              "max_prompt_length": self.cfg.max_prompt_length},
             [e.uid for e in examples])
-        self.reference_table = reference_cache.load_or_compute(
-            self.cache_dir, key, lambda: reference_cache.compute_reference_logps(
-                lambda m, b: self.forward(m, b)[:2], self.reference_model,
-                loader.epoch_batches(0), len(loader)))
+        self.reference_table = self.load_reference_table(key, loader)
         self.reference_model = None  # training holds no reference model from here on
+
+    def load_reference_table(self, key: str, loader) -> dict:
+        return reference_cache.load_or_compute(
+            self.cache_dir, key, lambda: reference_cache.compute_reference_logps(
+                lambda m, b: self.reference_forward(b), self.reference_model,
+                loader.epoch_batches(0), len(loader)))
 
     # ---- one loss evaluation: the loss's own step function (never a branch on its name) ----
     def step_metrics(self, batch, split: str):
         """(loss, per-example metric tensors) for one (micro-)batch."""
         return self.spec.step(self, batch, split)
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Across ranks (distributed trainers override); here the identity."""
-        return t
+    def shard(self, batch) -> tuple[dict, int]:
+        """This rank's part of a batch and how many real examples it holds (here: all of it)."""
+        return distributed.shard_batch(batch, self.dp_rank, self.dp_size)
+
+    @staticmethod
+    def add_metrics(sums: dict, metrics: dict, n: int):
+        for k, v in metrics.items():  # only the n real rows (a rank's stand-in row counts 0)
+            sums[k] = sums.get(k, 0.0) + v.detach().float()[:n].sum()
+
+    @staticmethod
+    def reduce_means(sums: dict, count: int) -> dict:
+        """Means over all ranks' examples, from ONE collective (none in a single process)."""
+        totals = distributed.sum_across_ranks([*sums.values(), count])
+        return {k: v / totals[-1] for k, v in zip(sums, totals)}
 
     # ---- evaluation and sampling ------------------------------------------------------------
     def evaluate(self):
@@ -171,14 +219,14 @@ class BasicTrainer:
         sums, count = {}, 0
         with torch.no_grad():
             for batch in tqdm(self.eval_batches.epoch_batches(0), total=len(self.eval_batches),
-                              desc="eval", leave=False):
-                _, metrics = self.step_metrics(batch, "eval")
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + self.gather(v.detach().float()).sum().item()
-                count += len(batch["uid"])
-        results = {k: v / count for k, v in sums.items()}
+                              desc="eval", leave=False, disable=not self.is_main):
+                part, n = self.shard(batch)
+                self.add_metrics(sums, self.step_metrics(part, "eval")[1], n)
+                count += n
+        results = self.reduce_means(sums, count)
         self.state.last_eval = self.state.examples
         if self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
+            # every rank samples the same prompts: sharded forwards are collective
             self.logger.log_samples(self.state.examples, self.sample())
         self.logger.log(results, self.state.examples)
         print(f"eval @ {self.state.examples} examples: " +
@@ -197,7 +245,9 @@ class BasicTrainer:
                 batch_rows = [{"prompt": p} for p in batch["prompt"][:n - len(rows)]]
                 for name, model in models.items():
                     torch.manual_seed(self.cfg.seed + self.state.examples + len(rows))
-                    for row, text in zip(batch_rows, self.generate(model, batch, len(batch_rows))):
+                    with lora.adapters_disabled(model) if name == "reference" else nullcontext():
+                        texts = self.generate(model, batch, len(batch_rows))
+                    for row, text in zip(batch_rows, texts):
                         row[name] = text
                 rows.extend(batch_rows)
                 if len(rows) >= n:
@@ -211,7 +261,9 @@ class BasicTrainer:
                              .to(self.device), max_new_tokens=cfg.sample_max_new_tokens,
                              do_sample=True, top_p=cfg.sample_top_p,
                              temperature=cfg.sample_temperature,
-                             pad_token_id=self.tokenizer.pad_token_id)
+                             pad_token_id=self.tokenizer.pad_token_id,
+                             # ranks stop together, or a sharded model's gathers would hang
+                             synced_gpus=distributed.world_size() > 1)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -223,7 +275,8 @@ class BasicTrainer:
         total = cfg.n_epochs * per_epoch if cfg.n_epochs else math.inf
         if cfg.n_examples:
             total = min(total, cfg.n_examples)
-        bar = tqdm(total=total, initial=st.examples, unit="ex", desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=st.examples, unit="ex", desc="train", dynamic_ncols=True,
+                   disable=not self.is_main)
         last_log = 0.0
         while st.examples < total:
             for batch in self.train_batches.epoch_batches(st.epoch, st.epoch_offset):
@@ -263,17 +316,29 @@ class BasicTrainer:
             return False
         return st.examples // every > (st.examples - batch_examples) // every
 
+    def micro_batches(self, batch) -> list[tuple[dict, int]]:
+        """This rank's (micro-batch, real examples): the batch is split into
+        gradient_accumulation_steps micro-batches, each shared out over the data-parallel ranks,
+        so every rank runs the same number of forward/backward passes."""
+        return [self.shard(mb) for mb in split_batch(batch, self.cfg.gradient_accumulation_steps)]
+
+    def sync_gradients(self, now: bool):
+        """Whether the coming backward reduces gradients across ranks (FSDPTrainer)."""
+
     def train_step(self, batch) -> dict:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         start = time.time()
         self.policy.train()
-        micro = split_batch(batch, self.cfg.gradient_accumulation_steps)
-        collected = {}
-        for mb in micro:
+        micro = self.micro_batches(batch)
+        sums, count = {}, 0
+        for i, (mb, n) in enumerate(micro):
+            self.sync_gradients(i == len(micro) - 1)  # reduce once, after the last micro-batch
             loss, metrics = self.step_metrics(mb, "train")
-            (loss * len(mb["uid"]) / len(batch["uid"])).backward()
-            for k, v in metrics.items():
-                collected.setdefault(k, []).append(self.gather(v.detach().float()))
+            # data-parallel gradients are averaged over ranks: this weight makes that average
+            # the mean over the global batch, whatever each rank's share of it
+            (loss * n * self.dp_size / len(batch["uid"])).backward()
+            self.add_metrics(sums, metrics, n)
+            count += n
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
@@ -286,7 +351,7 @@ class BasicTrainer:
         st.epoch_offset += n_examples
         st.steps += 1
         elapsed = max(time.time() - start, 1e-9)
-        out = {k: torch.cat(v).mean().item() for k, v in collected.items()}
+        out = self.reduce_means(sums, count)
         out.update({"grad_norm": grad_norm, "examples_per_second": n_examples / elapsed,
                     "tokens_per_second": tokens / elapsed, "lr": self.scheduler.get_last_lr()[0],
                     "counters/examples": st.examples, "counters/updates": st.steps})
@@ -303,40 +368,69 @@ class BasicTrainer:
         st = self.state
         name = name or f"step-{st.examples}"
         trainer_state = {"train_state": asdict(st), "rng": checkpoints.rng_state()}
-        export = (lambda d: self.export_hf(d / "hf")) if self.cfg.export_hf else None
-        path = checkpoints.save_checkpoint(
-            self.run_dir, name, st.examples, {"examples": st.examples}, self.policy_state_dict(),
-            self.optimizer.state_dict(), self.scheduler.state_dict(), trainer_state, export)
+        state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
+        self.save_shards(name)
+        if self.is_main:
+            policy_state = lora.merged_state(state, self.cfg.model.lora) \
+                if lora.is_lora(self.policy) else state
+            path = checkpoints.save_checkpoint(
+                self.run_dir, name, st.examples, {"examples": st.examples}, policy_state,
+                optimizer_state, self.scheduler.state_dict(), trainer_state,
+                lambda d: self.write_extras(name, d, state, policy_state))
+            checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+            print(f"saved {path}")
+        distributed.barrier()
         st.last_save = st.examples
-        checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-        print(f"saved {path}")
+
+    def write_extras(self, name, ckpt_dir, state: dict, policy_state: dict):
+        """Files beside policy.pt, inside the same atomic checkpoint dir: the shards, the LoRA
+        adapters, the Hugging Face export (adapters merged)."""
+        staged = checkpoints.staging_dir(self.run_dir, name)
+        if staged.exists():
+            os.replace(staged, ckpt_dir / checkpoints.SHARDED)
+        if lora.is_lora(self.policy):
+            lora.save_adapter(self.policy, state, ckpt_dir / checkpoints.ADAPTER)
+        if self.cfg.export_hf:
+            save_hf_model(lora.causal_lm(self.policy).config, policy_state, ckpt_dir / "hf")
+            self.tokenizer.save_pretrained(ckpt_dir / "hf")
 
     def policy_state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
-    def export_hf(self, out_dir):
-        self.policy.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(out_dir)
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def save_shards(self, name: str):
+        """Sharded checkpoint of model and optimizer (distributed trainers)."""
 
     def _restore(self, resume: dict):
-        self.policy.load_state_dict(resume["policy"]["state"])
-        self.optimizer.load_state_dict(resume["optimizer"]["state"])
+        self.load_training_state(resume)
         self.scheduler.load_state_dict(resume["scheduler"]["state"])
         self.state = TrainState(**resume["trainer"]["train_state"])
         checkpoints.set_rng_state(resume["trainer"]["rng"])
         print(f"resumed from {resume['dir']} at {self.state.examples} examples")
 
+    def load_training_state(self, resume: dict):
+        """Weights (a LoRA run: its adapters on the freshly loaded base) and optimizer state."""
+        if checkpoints.ADAPTER in resume:
+            lora.load_adapter(self.policy, resume[checkpoints.ADAPTER])
+        else:
+            self.policy.load_state_dict(resume["policy"]["state"])
+        self.optimizer.load_state_dict(resume["optimizer"]["state"])
 
-class FSDPTrainer(BasicTrainer):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("trainer=FSDPTrainer is not available yet (it lands with the "
-                                  "scale-out issue #6); use trainer=BasicTrainer")
+
+class FSDPTrainer(DistributedMixin, BasicTrainer):
+    """FSDP2: every block and the root sharded over all ranks (pure data parallelism); the
+    wrapping itself is parallel.parallelize, through DistributedMixin.wrap."""
 
 
-class TensorParallelTrainer(BasicTrainer):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("trainer=TensorParallelTrainer is not available yet (it lands "
-                                  "with the scale-out issue #6); use trainer=BasicTrainer")
+class TensorParallelTrainer(FSDPTrainer):
+    """DTensor tensor parallelism over trainer.tp_size ranks (default: all of them), and FSDP
+    over the data-parallel dimension of the 2-D mesh when there are more ranks than that."""
+
+    @staticmethod
+    def tensor_parallel_size(config, world: int) -> int:
+        return config.trainer.tp_size or world
 
 
 TRAINERS = {cls.__name__: cls for cls in (BasicTrainer, FSDPTrainer, TensorParallelTrainer)}

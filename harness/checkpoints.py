@@ -4,7 +4,9 @@ A checkpoint dir (step-N/, epoch-N/) holds the reference-compatible files
     policy.pt     {"step_idx", "state", "metrics"}
     optimizer.pt  {"step_idx", "state", "metrics"}   (state = optimizer.state_dict())
     scheduler.pt  {"step_idx", "state", "metrics"}
-plus trainer_state.pt (data position, counters, RNG states) for exact resume. Each dir is
+plus trainer_state.pt (data position, counters, RNG states) for exact resume; distributed
+trainers add sharded/ (torch.distributed.checkpoint: every rank's shards of model and optimizer,
+loadable on any number of ranks) and LoRA runs add adapter/ (peft format). Each dir is
 written under a temporary name and renamed into place, and LATEST is a symlink swapped with
 os.replace, so a crash at any moment leaves either the old or the new checkpoint, never half.
 """
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 
 LATEST = "LATEST"
+SHARDED = "sharded"
+ADAPTER = "adapter"
 
 
 def first_usable_dir(local_dirs) -> str:
@@ -122,8 +126,30 @@ def prune_checkpoints(run_dir, keep_last: int | None):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_for_resume(run_dir) -> dict:
-    """The LATEST checkpoint of a run dir, for exact resume; clear errors when there is none."""
+def staging_dir(run_dir, name: str) -> Path:
+    """Where all ranks write a checkpoint's shards before rank 0 moves them into the checkpoint
+    (the same path on every rank, so it needs no broadcast)."""
+    return Path(run_dir) / f".{name}.{SHARDED}-staging"
+
+
+def save_sharded(state: dict, path: Path):
+    """Collective: each rank writes its own shards of `state` (DTensors) under `path`."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(state: dict, path: Path):
+    """Collective, in place: fill this rank's shards of `state` from `path`, whatever the number
+    of ranks that wrote it (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(state, checkpoint_id=str(path))
+
+
+def load_for_resume(run_dir, sharded: bool = False) -> dict:
+    """The LATEST checkpoint of a run dir, for exact resume; clear errors when there is none.
+
+    sharded=True (distributed trainers): weights and optimizer come from sharded/, so the full
+    policy.pt / optimizer.pt are not read into every rank's memory."""
     ckpt = Path(run_dir) / LATEST
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"resume={run_dir!r}: no such run directory")
@@ -131,6 +157,15 @@ def load_for_resume(run_dir) -> dict:
         raise FileNotFoundError(f"resume={run_dir!r}: no complete checkpoint to resume from "
                                 f"({ckpt}/trainer_state.pt missing); start a fresh run instead")
     load = lambda f: torch.load(ckpt / f, map_location="cpu", weights_only=False)  # noqa: E731
-    return {"dir": str(ckpt.resolve()), "policy": load("policy.pt"),
-            "optimizer": load("optimizer.pt"), "scheduler": load("scheduler.pt"),
-            "trainer": load("trainer_state.pt")}
+    out = {"dir": str(ckpt.resolve()), "scheduler": load("scheduler.pt"),
+           "trainer": load("trainer_state.pt")}
+    if sharded:
+        if not (ckpt / SHARDED).is_dir():
+            raise FileNotFoundError(f"resume={run_dir!r}: {ckpt} has no {SHARDED}/ dir (it was "
+                                    "saved by BasicTrainer; resume it with that trainer)")
+        out[SHARDED] = ckpt.resolve() / SHARDED
+    else:
+        out.update(policy=load("policy.pt"), optimizer=load("optimizer.pt"))
+    if (ckpt / ADAPTER).is_dir():
+        out[ADAPTER] = ckpt.resolve() / ADAPTER
+    return out

@@ -44,12 +44,20 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str, archive: str | None = None):
-    """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights."""
-    from transformers import AutoModelForCausalLM
+def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None,
+               meta: bool = False):
+    """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights.
+    device_map: where the weights go (transformers/accelerate syntax); None keeps them on CPU.
+    meta=True: the architecture only, no weights in memory (ranks that get theirs from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = check_model_source(name_or_path)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                    dtype=getattr(torch, dtype))
+    extra = {"device_map": device_map} if device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 low_cpu_mem_usage=True)
+                                                 low_cpu_mem_usage=True, **extra)
     if archive:
         load_archive(model, archive)
     return model
@@ -69,25 +77,6 @@ def load_archive(model, archive: str) -> int:
                          f"unexpected {sorted(unexpected)[:5]}")
     print(f"loaded {archive} (step {ckpt.get('step_idx')})")
     return ckpt.get("step_idx", 0)
-
-
-def blocks(model, block_name: str) -> list:
-    """The model's transformer blocks (the unit of sharding, checkpointing and compiling)."""
-    found = [m for m in model.modules() if type(m).__name__ == block_name]
-    if not found:
-        classes = sorted({type(m).__name__ for m in model.modules()
-                          if type(m).__name__.endswith(("Layer", "Block"))})
-        raise ValueError(f"model.block_name={block_name!r} is not a module of "
-                         f"{type(model).__name__}; block classes found: {classes}")
-    return found
-
-
-def apply_compile(model, block_name: str):
-    """torch.compile each transformer block in place (torchtitan style): parameter names and the
-    module tree stay as they are, and varying sequence lengths recompile one small graph."""
-    for block in blocks(model, block_name):
-        block.compile(dynamic=True)
-    return model
 
 
 def _chunk_logps(hidden, weight, bias, targets):
@@ -110,6 +99,9 @@ def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size
     backward (activation checkpointing), so peak memory holds one fp32 [chunk, vocab] block
     instead of [batch, seq, vocab]: 128k-vocabulary models fit."""
     head = model.get_output_embeddings()
+    # with a layer split over GPUs (device_map) the last block and the head may sit elsewhere
+    out_device = sequence.device
+    hidden_rows, targets = hidden_rows.to(head.weight.device), targets.to(head.weight.device)
     pieces = []
     for start in range(0, hidden_rows.shape[0], chunk_size):
         args = (hidden_rows[start:start + chunk_size], head.weight, head.bias,
@@ -117,8 +109,9 @@ def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size
         pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
                       if torch.is_grad_enabled() else _chunk_logps(*args))
     row_logps = torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(n_sequences, dtype=torch.float32, device=hidden_rows.device)
-    counts = torch.zeros(n_sequences, dtype=torch.long, device=hidden_rows.device)
+    row_logps = row_logps.to(out_device)
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=out_device)
+    counts = torch.zeros(n_sequences, dtype=torch.long, device=out_device)
     return (logps.index_add(0, sequence, row_logps),
             counts.index_add(0, sequence, torch.ones_like(sequence)))
 
@@ -135,8 +128,8 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4
     targets = labels[:, 1:]
     mask = targets != -100
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return _scored_logps(model, hidden[:, :-1][mask], targets[mask], mask.nonzero()[:, 0],
-                         input_ids.shape[0], chunk_size)
+    return _scored_logps(model, hidden[:, :-1][mask.to(hidden.device)], targets[mask],
+                         mask.nonzero()[:, 0], input_ids.shape[0], chunk_size)
 
 
 def packed_sequence_logps(model, packed, chunk_size: int = 4096):
@@ -163,3 +156,19 @@ def plain_sequence_logps(model, input_ids, attention_mask, labels):
     mask = targets != -100
     token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def save_hf_model(config, state: dict, out_dir):
+    """A Hugging Face model dir (save_pretrained) from a config and a full state dict, e.g. one
+    gathered from shards or with LoRA adapters merged: the weights are built on the meta device
+    and take the given tensors in place, so no second copy of the model is made."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ValueError(f"state does not match {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.save_pretrained(out_dir, safe_serialization=True)

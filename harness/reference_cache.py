@@ -1,4 +1,4 @@
-"""Reference log-probs computed once, in inference mode, and cached on disk.
+"""Reference log-probs computed once, without autograd, and cached on disk.
 
 DPO needs log pi_ref(y) for every chosen and rejected response, which never change during
 training. Computing them in one pre-pass lets the reference model leave memory before the first
@@ -31,7 +31,9 @@ def compute_reference_logps(forward, reference_model, batches, total: int) -> di
     """{uid: (chosen_logp, rejected_logp)} over `batches`; forward(model, batch) returns two
     [batch] tensors."""
     table = {}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: with LoRA the reference IS the policy, and FSDP would keep
+    # parameter buffers gathered here as inference tensors that training cannot backprop through
+    with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="reference log-probs", leave=False):
             chosen, rejected = forward(reference_model, batch)
             for uid, c, r in zip(batch["uid"], chosen.tolist(), rejected.tolist()):
@@ -39,17 +41,29 @@ def compute_reference_logps(forward, reference_model, batches, total: int) -> di
     return table
 
 
-def load_or_compute(cache_dir, key: str, compute) -> dict:
-    path = Path(cache_dir) / "reference_logps" / f"{key}.pt"
-    if path.exists():
-        print(f"reference log-probs: cached at {path}")
-        return torch.load(path, weights_only=True)
-    table = compute()
+def cache_path(cache_dir, key: str) -> Path:
+    return Path(cache_dir) / "reference_logps" / f"{key}.pt"
+
+
+def load_table(path: Path) -> dict:
+    print(f"reference log-probs: cached at {path}")
+    return torch.load(path, weights_only=True)
+
+
+def save_table(path: Path, table: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     torch.save(table, tmp)
     os.replace(tmp, path)
     print(f"reference log-probs: {len(table)} examples cached at {path}")
+
+
+def load_or_compute(cache_dir, key: str, compute) -> dict:
+    path = cache_path(cache_dir, key)
+    if path.exists():
+        return load_table(path)
+    table = compute()
+    save_table(path, table)
     return table
 
 

@@ -21,16 +21,22 @@ def wandb_credentials_present() -> bool:
 class RunLogger:
     """Appends one JSON line per log call: {"step": examples seen, metric: value, ...}.
 
-    On resume, lines logged after the resumed checkpoint are dropped first: they will be
-    logged again, identically, by the resumed run.
+    On resume, lines logged after the resumed checkpoint was saved are dropped first: they will
+    be logged again, identically, by the resumed run.
     """
 
-    def __init__(self, run_dir, config: dict, wandb_cfg, exp_name: str, resume_step=None):
+    def __init__(self, run_dir, config: dict, wandb_cfg, exp_name: str, resume_step=None,
+                 evaluated_at_resume: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
+            # an evaluation due at the checkpoint's own step runs after the save, so unless the
+            # checkpoint records it as done, the resumed run logs it again
+            def logged_before_save(row):
+                return row["step"] < resume_step or row["step"] == resume_step and (
+                    evaluated_at_resume or not any("eval" in k for k in row))
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if line.strip() and logged_before_save(json.loads(line))]
             atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
         self.wandb = None
         if wandb_cfg.enabled:
@@ -78,6 +84,19 @@ class RunLogger:
         self.plot()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class NullLogger:
+    """What ranks other than 0 log with: nothing (rank 0 logs the metrics of all ranks)."""
+
+    def log(self, metrics: dict, step: int):
+        pass
+
+    def log_samples(self, step: int, rows: list[dict]):
+        pass
+
+    def close(self):
+        pass
 
 
 def read_metrics(path) -> list[dict]:

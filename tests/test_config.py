@@ -11,7 +11,7 @@ from trainers import TRAINERS
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 MODEL_KEYS = {"name_or_path", "tokenizer_name_or_path", "archive", "block_name", "policy_dtype",
-              "reference_dtype", "fsdp_policy_mp"}
+              "reference_dtype", "fsdp_policy_mp", "lora"}
 REFERENCE_KEYS = {
     "seed", "exp_name", "batch_size", "eval_batch_size", "debug", "fsdp_port", "datasets", "wandb",
     "local_dirs", "sample_during_eval", "n_eval_model_samples", "do_first_eval", "local_run_dir",
@@ -61,9 +61,10 @@ def test_every_loss_composes(loss):
 
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_every_trainer_composes(trainer):
-    cfg = make(f"trainer={trainer}")
+    cfg = make(f"trainer={trainer}", "model.lora.r=8" if trainer != "TensorParallelTrainer"
+               else "trainer.tp_size=2", "nproc_per_node=2")
     assert cfg.trainer.name == trainer
-    check_config(cfg)
+    check_config(cfg, world_size=1 if trainer == "BasicTrainer" else 2)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -75,6 +76,8 @@ def test_every_trainer_composes(trainer):
     (["save_every=epoch_x"], "save_every"),
     (["data_fraction=0"], "data_fraction"),
     (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
+    (["model.lora.r=0"], "model.lora.r"),
+    (["model.lora.r=8", "trainer=TensorParallelTrainer"], "LoRA"),
 ])
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.modeling import apply_compile, load_tokenizer, packed_sequence_logps, sequence_logps
+from harness.modeling import load_tokenizer, packed_sequence_logps, sequence_logps
+from harness.parallel import apply_compile
 from harness.packing import CHOSEN, PROMPT, REJECTED, allowed, pack
 from preference_datasets import BatchIterator, load_examples
 
