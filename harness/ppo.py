@@ -27,7 +27,7 @@ from tqdm import tqdm
 import losses
 from harness import checkpoints
 from harness.objectives import LossSpec, register_loss
-from harness.reward_model import check_same_tokenizer, load_reward_model
+from harness import reward_model as rm  # a module: the loss table imports both in turn
 from harness.rollout import (critic_values, encode_prompts, fill, generate, policy_logprobs)
 from harness.run_logging import RunLogger
 from preference_datasets import BatchIterator, load_examples
@@ -77,8 +77,7 @@ class PPOOptions:
             if not getattr(self, key) > 0:
                 raise ValueError(f"loss.{key}={getattr(self, key)} must be > 0")
         if self.gold_reward:
-            from harness.toy_task import get_gold_reward
-            get_gold_reward(self.gold_reward)
+            rm.check_scorer("loss.gold_reward", self.gold_reward)
 
 
 @dataclass
@@ -115,8 +114,8 @@ class PPOTrainer:
                              f"multiple of loss.mini_batch_size={self.opts.mini_batch_size}")
         self.device = next(policy.parameters()).device
         self.policy, self.reference = policy, reference_model.requires_grad_(False)
-        self.reward_model, _, self.rm_meta = load_reward_model(self.opts.reward_model)
-        check_same_tokenizer(self.rm_meta, tokenizer, f"loss.reward_model={self.opts.reward_model}")
+        self.reward_model, _, self.rm_meta = rm.load_reward_model(self.opts.reward_model)
+        rm.check_same_tokenizer(self.rm_meta, tokenizer, f"loss.reward_model={self.opts.reward_model}")
         self.reward_model.to(self.device).requires_grad_(False)
         self.critic = copy.deepcopy(self.reward_model).requires_grad_(True)
         for model in (self.policy, self.reference, self.critic, self.reward_model):

@@ -26,25 +26,13 @@ from torch import nn
 
 import losses
 from harness.checkpoints import LATEST, atomic_write_text
-from harness.modeling import check_model_source
+from harness.modeling import check_model_source, last_token_index, position_ids
 from harness.objectives import LossSpec, register_loss
 
 META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
 
 
 # ------------------------------------------------------------------------------ the model
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last non-pad position of each row, for left or right padding: [B, L] -> [B]."""
-    length = attention_mask.shape[1]
-    return length - 1 - attention_mask.flip(-1).long().argmax(-1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, so a left-padded row sees the same positions as an
-    unpadded one (what generate() uses); padding gets position 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class RewardModel(nn.Module):
     """backbone (a transformers base model, no LM head) -> Linear head: 1 output (a scalar
     reward) or n_bins outputs (logits over ratings 1..K, reward = expected rating)."""
@@ -135,10 +123,18 @@ class RewardOptions:
             raise ValueError("loss.n_bins > 0 needs absolute scores: set loss.rating_source to a "
                              "registered scorer (e.g. toy) whose score is binned into 1..n_bins")
         if self.rating_source:
-            from harness.toy_task import get_gold_reward
-            get_gold_reward(self.rating_source)  # unknown names list the registered ones
+            check_scorer("loss.rating_source", self.rating_source)
         if len(self.rating_range) != 2 or self.rating_range[0] >= self.rating_range[1]:
             raise ValueError(f"loss.rating_range={list(self.rating_range)}: use [low, high]")
+
+
+def check_scorer(key: str, name: str):
+    """A registered gold scorer fn(prompt, response) -> float, or an error naming the key."""
+    from harness.toy_task import get_gold_reward
+    try:
+        return get_gold_reward(name)
+    except KeyError as e:
+        raise ValueError(f"{key}={name!r}: {e.args[0]}") from None
 
 
 def to_ratings(scores: list[float], n_bins: int, low: float, high: float) -> torch.Tensor:

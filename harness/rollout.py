@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.generation import Sample, SamplingConfig, sample
-from harness.reward_model import position_ids
+from harness.modeling import position_ids
 from losses import entropy_from_logits
 from preference_datasets import _TRUNCATE
 
