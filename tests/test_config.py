@@ -66,9 +66,13 @@ def test_every_loss_composes(loss):
     check_config(cfg)
 
 
+PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": []}
+
+
 @pytest.mark.parametrize("preset", options("preset"))
 def test_every_preset_composes(preset):
-    cfg = make(f"+preset={preset}", "loss.reward_model=RM_RUN")
+    cfg = make(f"+preset={preset}", *PRESET_OVERRIDES[preset])
+    assert cfg.loss.name == preset.split("_")[0]
     check_config(cfg)
 
 
