@@ -295,3 +295,16 @@ class RewardFunction:
         if self.normalize:
             out = [(r - self.meta["reward_mean"]) / self.meta["reward_std"] for r in out]
         return out
+
+
+def register_reward_checkpoint(path, device: str = "cpu", normalize: bool = False) -> str:
+    """Make a reward checkpoint usable wherever a gold reward name is (evaluate.py --gold,
+    judging): registers fn(prompt, completion) -> reward and returns its name, rm-<run>-<ckpt>."""
+    import re
+    from harness.toy_task import GOLD_REWARDS, register_gold_reward
+    ckpt = checkpoint_dir(path).resolve()
+    name = "rm-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ckpt.parent.name}-{ckpt.name}")
+    if name not in GOLD_REWARDS:
+        fn = RewardFunction(ckpt, device=device, normalize=normalize)
+        register_gold_reward(name)(lambda prompt, completion: fn([prompt], [completion])[0])
+    return name

@@ -175,3 +175,18 @@ def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch
     with pytest.raises(ppo.TrainingDiverged, match=r"rewards_train/score=nan"):
         trainer.train()
     assert (tmp_path / "run" / "diverged-0" / "policy.pt").exists()
+
+
+def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    (result,) = evaluate.main(["assets/tiny_model", "--reference", "assets/tiny_model",
+                               "--reward-model", str(reward_run), "--n-prompts", "5",
+                               "--max-new-tokens", "12", "--out", str(tmp_path / "r.json")])
+    assert result["gold_reward_name"].startswith("rm-")
+    rows = result["examples"]  # all 5 prompts: the mean is over exactly these completions
+    scores = RewardFunction(reward_run)([r["prompt"] for r in rows], [r["policy"] for r in rows])
+    assert result["gold_reward"] == pytest.approx(sum(scores) / 5, rel=1e-4)
