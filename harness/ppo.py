@@ -109,6 +109,13 @@ class PPOTrainer:
         self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
         self.opts = PPOOptions(**{k: v for k, v in OmegaConf.to_container(
             config.loss, resolve=True).items() if k != "name"})
+        if config.gradient_accumulation_steps != 1:
+            raise ValueError("loss=ppo: set loss.mini_batch_size (episodes per optimizer step) "
+                             "instead of gradient_accumulation_steps, which the PPO loop does "
+                             "not use; keep gradient_accumulation_steps=1")
+        if config.max_prompt_length + self.opts.max_new_tokens > config.max_length:
+            raise ValueError(f"max_prompt_length={config.max_prompt_length} + loss.max_new_tokens="
+                             f"{self.opts.max_new_tokens} exceeds max_length={config.max_length}")
         if config.batch_size % self.opts.mini_batch_size:
             raise ValueError(f"batch_size={config.batch_size} (prompts per rollout) must be a "
                              f"multiple of loss.mini_batch_size={self.opts.mini_batch_size}")

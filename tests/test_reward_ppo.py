@@ -23,9 +23,10 @@ FAST = ["wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
 
 
 def run(tmp_path, *overrides):
+    overrides = [f"local_dirs=[{tmp_path}]", *FAST, *overrides]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"local_dirs=[{tmp_path}]", *FAST, *overrides])
-    return Path(train.run(cfg))
+        cfg = compose(config_name="config", overrides=overrides)
+    return Path(train.run(cfg, overrides))
 
 
 def test_last_token_index_left_and_right_padding():
@@ -143,6 +144,20 @@ def test_short_ppo_run_end_to_end(tmp_path, reward_run):
     # the actor loads back as model.archive anywhere
     state = torch.load(ckpt / "policy.pt", weights_only=True)
     assert state["step_idx"] == 32 and "lm_head.weight" in state["state"]
+
+
+def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run):
+    common = [*PPO, f"loss.reward_model={reward_run}", "do_first_eval=false",
+              "loss.max_new_tokens=8"]
+    whole = run(tmp_path / "a", *common, "n_examples=32")
+    first = run(tmp_path / "b", *common, "n_examples=16")
+    resumed = run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    assert resumed == first
+    train_rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
+    a, b = train_rows(whole), train_rows(resumed)
+    assert [r["step"] for r in b] == [16, 32]
+    for key in ("rewards_train/score", "kl_train/kl", "loss/policy", "loss/value"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-6), key
 
 
 def _trainer(tmp_path, reward_run, *overrides):

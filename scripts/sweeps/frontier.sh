@@ -6,11 +6,12 @@
 #   bash scripts/sweeps/frontier.sh --out DIR  # where the sweep and its report go
 #
 # 1. SFT of the tiny base model on the toy SFT targets: the reference of every other method.
-# 2. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
+# 2. A reward model trained from the SFT model on the toy pairs (+preset=reward_toy), for PPO.
+# 3. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
 #    each job starting from the SFT checkpoint, each in its own run dir.
-# 3. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
+# 4. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
 #    the SFT reference, on the held-out toy test prompts with one seed.
-# 4. scripts/sweeps/frontier_report.py: frontier.md (table) + frontier.png (gold reward vs KL).
+# 5. scripts/sweeps/frontier_report.py: frontier.md (table) + frontier.png (gold reward vs KL).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
@@ -35,6 +36,8 @@ if [ "$MODE" = full ]; then
   PREF_ARGS="n_epochs=2"
   BETAS_DPO="0.1,0.3,1.0,3.0"
   BETAS_IPO="0.03,0.1,0.3,1.0"
+  RM_ARGS=""                                  # the reward_toy preset: 30 epochs
+  PPO_ARGS="loss.kl_coef=0.05,0.2"            # the ppo_toy preset otherwise
   EVAL_ARGS="--n-prompts 200"
 else
   OUT=${OUT:-.cache/frontier_quick}
@@ -42,16 +45,19 @@ else
   PREF_ARGS="n_epochs=1"
   BETAS_DPO="1.0"
   BETAS_IPO="0.3"
+  RM_ARGS="n_epochs=10"
+  PPO_ARGS="n_examples=640"
   EVAL_ARGS="--n-prompts 100"
 fi
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
 # Every row trains from the SFT checkpoint (model.archive) and is evaluated against it.
-# To add a method, add one row here.
+# To add a method, add one row here. $RM is the reward model of step 2 (set before use).
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
   "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
   "cdpo|loss=dpo loss.label_smoothing=0.2 loss.beta=$BETAS_DPO $PREF_ARGS"
+  'ppo|+preset=ppo_toy loss.reward_model=$RM $PPO_ARGS'
 )
 
 COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1"
@@ -69,9 +75,15 @@ rm -rf "$OUT/sft" && mkdir -p "$OUT/sft"
 train "$OUT/sft" loss=sft exp_name=sft $SFT_ARGS
 SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
 
+# the reward model for PPO; its folder holds no evaluated policy, so the report skips it
+rm -rf "$OUT/reward_model" && mkdir -p "$OUT/reward_model"
+# shellcheck disable=SC2086
+train "$OUT/reward_model" +preset=reward_toy exp_name=reward "model.archive=$SFT" $RM_ARGS
+RM=$(ls -d "$OUT"/reward_model/reward_*)
+
 for row in "${METHODS[@]}"; do
   name=${row%%|*}
-  overrides=${row#*|}
+  overrides=$(eval echo "${row#*|}")  # rows may name $RM, known only now
   rm -rf "$OUT/$name" && mkdir -p "$OUT/$name"
   # shellcheck disable=SC2086  # the overrides are meant to split into words
   train "$OUT/$name" exp_name="$name" "model.archive=$SFT" $overrides
