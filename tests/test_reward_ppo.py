@@ -103,6 +103,18 @@ def test_reward_checkpoint_loads_back_as_a_reward_function(reward_run):
         (good - meta["reward_mean"]) / meta["reward_std"], rel=1e-4)
 
 
+def test_binned_head_trains_on_absolute_ratings(tmp_path):
+    run_dir = run(tmp_path, "loss=reward", "loss.n_bins=5", "loss.rating_source=toy",
+                  "n_examples=64", "batch_size=16", "n_eval_examples=32")
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/eval" in r][-1]
+    assert 1.0 <= last["rewards_eval/chosen"] <= 5.0 and last["loss/eval"] > 0
+    fn = RewardFunction(run_dir)
+    assert fn.meta["n_bins"] == 5
+    (reward,) = fn(["\n\nHuman: Tell Anna something positive about the cafe.\n\nAssistant:"],
+                   [" The cafe was wonderful."])
+    assert 1.0 <= reward <= 5.0  # the expected rating
+
+
 def test_reward_tokenizer_mismatch_is_refused(reward_run):
     _, tok, meta = load_reward_model(reward_run)
     check_same_tokenizer(meta, tok, "here")
