@@ -119,6 +119,9 @@ class PPOTrainer:
         if config.batch_size % self.opts.mini_batch_size:
             raise ValueError(f"batch_size={config.batch_size} (prompts per rollout) must be a "
                              f"multiple of loss.mini_batch_size={self.opts.mini_batch_size}")
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            print("note: this tokenizer pads with its EOS token; PPO's masks come from lengths and "
+                  "the first EOS (harness/rollout.py), so EOS is still scored and trained")
         self.device = next(policy.parameters()).device
         self.policy, self.reference = policy, reference_model.requires_grad_(False)
         self.reward_model, _, self.rm_meta = rm.load_reward_model(self.opts.reward_model)
@@ -158,6 +161,9 @@ class PPOTrainer:
                                           shuffle=True, seed=cfg.seed, drop_last=True,
                                           max_length=cfg.max_length,
                                           max_prompt_length=cfg.max_prompt_length)
+        if len(train) < cfg.batch_size:
+            raise ValueError(f"{len(train)} train prompts in datasets={list(cfg.datasets)}: fewer "
+                             f"than one rollout batch (batch_size={cfg.batch_size})")
         self.train_examples = train
         print(f"data: {len(train)} train / {len(self.eval_examples)} eval prompts")
 

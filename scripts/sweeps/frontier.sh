@@ -36,7 +36,7 @@ if [ "$MODE" = full ]; then
   PREF_ARGS="n_epochs=2"
   BETAS_DPO="0.1,0.3,1.0,3.0"
   BETAS_IPO="0.03,0.1,0.3,1.0"
-  RM_ARGS=""                                  # the reward_toy preset: 30 epochs
+  RM_ARGS=""                                  # the reward_toy preset: 10 epochs
   PPO_ARGS="loss.kl_coef=0.05,0.2"            # the ppo_toy preset otherwise
   EVAL_ARGS="--n-prompts 200"
 else
@@ -45,7 +45,7 @@ else
   PREF_ARGS="n_epochs=1"
   BETAS_DPO="1.0"
   BETAS_IPO="0.3"
-  RM_ARGS="n_epochs=10"
+  RM_ARGS="n_epochs=5"
   PPO_ARGS="n_examples=640"
   EVAL_ARGS="--n-prompts 100"
 fi
