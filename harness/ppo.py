@@ -388,5 +388,14 @@ class PPOTrainer:
         print(f"resumed from {resume['dir']} at {self.state.examples} prompts")
 
 
+def load_policy(cfg, archive):
+    """The actor (model.* as usual), after checking that the reward model exists, so a bad
+    loss.reward_model fails before a large model loads."""
+    from harness.modeling import load_model
+    rm.checkpoint_dir(cfg.loss.reward_model)
+    return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
+
+
 register_loss("ppo", LossSpec(losses.ppo_policy_loss, paired=False, step=None,
-                              uses_reference=True, options=PPOOptions, trainer=PPOTrainer))
+                              uses_reference=True, options=PPOOptions, load_policy=load_policy,
+                              trainer=PPOTrainer))

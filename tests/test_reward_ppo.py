@@ -126,6 +126,8 @@ def test_reward_tokenizer_mismatch_is_refused(reward_run):
 def test_not_a_reward_checkpoint_says_how_to_train_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="loss=reward"):
         load_reward_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="loss=reward"):  # before any model loads
+        run(tmp_path, "loss=ppo", f"loss.reward_model={tmp_path}/missing")
 
 
 PPO = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2",
