@@ -22,6 +22,8 @@ from harness.checkpoints import atomic_write_text  # noqa: E402
 from harness.sweep_summary import (find_runs, flat_config, latest_evaluation,  # noqa: E402
                                    varying_keys)
 
+SETTING_KEYS = ("loss.beta", "loss.label_smoothing")
+
 
 def _row(method: str, setting: dict, result: dict, run: str) -> dict:
     return {"method": method, "setting": setting, "gold": result["gold_reward"],
@@ -41,7 +43,9 @@ def collect_rows(sweep: Path) -> list[dict]:
     for folder in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "sft"):
         runs = [r for r in find_runs(folder) if latest_evaluation(r)]
         configs = [flat_config(r) for r in runs]
-        keys = [k for k in varying_keys(configs) if k != "exp_name"]
+        # the swept keys, and beta / label smoothing even when a method has a single run
+        keys = [k for k in SETTING_KEYS if any(k in c for c in configs)]
+        keys += [k for k in varying_keys(configs) if k not in keys and k != "exp_name"]
         method_rows = [_row(folder.name, {k: c.get(k) for k in keys}, latest_evaluation(r),
                             str(r.relative_to(sweep))) for r, c in zip(runs, configs)]
         rows += sorted(method_rows, key=lambda r: [str(v) if not isinstance(v, (int, float))
@@ -72,8 +76,8 @@ def verdicts(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict], v: dict, title: str) -> str:
-    lines = [f"# {title}", "",
+def markdown(rows: list[dict], v: dict, title: str, settings: str = "") -> str:
+    lines = [f"# {title}", "", *([settings, ""] if settings else []),
              "Gold reward and KL(policy || SFT) per sequence on the held-out toy prompts, one sample",
              "per prompt, mean +- 95% interval (1.96 standard errors). Win rate: against the SFT",
              "model's samples under the gold reward, a tie counting half.", "",
@@ -102,7 +106,8 @@ def plot(rows: list[dict], path: str, title: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    others = [m for m in methods if m not in ("base", "sft")]
+    colours = {"base": "grey", "sft": "black", **{m: plt.cm.tab10(i) for i, m in enumerate(others)}}
     for method in methods:
         pts = [r for r in rows if r["method"] == method]
         style = dict(marker="*", markersize=14) if method in ("base", "sft") else dict(marker="o")
@@ -134,14 +139,16 @@ def main(argv=None) -> dict:
     p.add_argument("--md", required=True)
     p.add_argument("--png", required=True)
     p.add_argument("--title", default="Reward vs KL frontier on the toy task (tiny model)")
+    p.add_argument("--settings", default="", help="a line on how the sweep was run, for the table")
     args = p.parse_args(argv)
     rows = collect_rows(Path(args.sweep))
     v = verdicts(rows)
-    atomic_write_text(args.md, markdown(rows, v, args.title))
+    text = markdown(rows, v, args.title, args.settings)
+    atomic_write_text(args.md, text)
     atomic_write_text(str(Path(args.md).with_suffix(".json")),
                       json.dumps({"rows": rows, "verdicts": v}, indent=2) + "\n")
     plot(rows, args.png, args.title)
-    print(markdown(rows, v, args.title))
+    print(text)
     print(f"wrote {args.md}, {args.png}, {Path(args.md).with_suffix('.json')}")
     return v
 
