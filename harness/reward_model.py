@@ -73,7 +73,7 @@ class RewardModel(nn.Module):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def save_pretrained(self, out_dir, **kwargs):
-        """An HF dir of the backbone plus the head (score_head.pt) and reward_model.json."""
+        """An HF dir of the backbone plus the head weights (score_head.pt), for export_hf=true."""
         self.backbone.save_pretrained(out_dir, **kwargs)
         torch.save(self.score.state_dict(), Path(out_dir) / "score_head.pt")
 
