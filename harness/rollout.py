@@ -126,7 +126,9 @@ def score(reward_model, batch: Rollout) -> torch.Tensor:
 def fill(batch: Rollout, policy, reference, critic, reward_model, temperature: float,
          chunk: int) -> Rollout:
     """Rollout-time log-probs, reference log-probs, values and scores, `chunk` rows at a time
-    (the same row groups the first PPO epoch may use, and bounded memory)."""
+    (bounded memory). The first PPO minibatch recomputes the policy log-probs of a shuffled
+    subset of rows with the same padded width; ppo/first_ratio_max_dev logs how far its ratio
+    is from 1 (exactly 0 on CPU: a row's result does not depend on the other rows)."""
     parts = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for start in range(0, batch.input_ids.shape[0], chunk):
         mb = batch.select(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
