@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reward-vs-KL frontier on the bundled toy task (the DPO paper's Figure 2, laptop-sized).
 #
-#   bash scripts/sweeps/frontier.sh            # full mode (~25 min on 2 CPU cores) -> docs/
+#   bash scripts/sweeps/frontier.sh            # full mode (~5 min on 2 busy CPU cores) -> docs/
 #   bash scripts/sweeps/frontier.sh --quick    # CI mode (a few minutes): one beta per method
 #   bash scripts/sweeps/frontier.sh --out DIR  # sweep and report into DIR (docs/ stays untouched)
 #
@@ -50,9 +50,11 @@ else
 fi
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
-# Every row trains from the SFT checkpoint (model.archive) and is evaluated against it.
-# To add a method, add one row here. PPO optimises the reward model of step 2, whose run dir
-# is fixed here (relative paths are from the repo root, where every command runs).
+# Every row trains from the SFT checkpoint (model.archive) and is evaluated against it. The
+# overrides are train.py command-line overrides; comma lists are swept (Hydra multirun). To add
+# a method, add one row; its runs need only end with RUN/LATEST/policy.pt, as train.py's do.
+# PPO optimises the reward model of step 2, whose run dir is fixed here (relative paths are from
+# the repo root, where every command runs).
 RM="$OUT/reward_model/reward"
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
