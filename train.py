@@ -122,10 +122,12 @@ def _run(cfg: DictConfig) -> str:
     from harness import lora
     from harness.modeling import load_model, load_tokenizer
     from harness.parallel import single_process_device_map
-    from harness.objectives import needs_reference
+    from harness.objectives import get_loss_spec, load_policy, needs_reference
     from trainers import TRAINERS
-    trainer_cls = TRAINERS[cfg.trainer.name]
-    resume = load_for_resume(cfg.resume, trainer_cls.sharded_checkpoints) if cfg.resume else None
+    # the offline loop of trainer=..., unless the loss brings its own (PPO's rollout loop)
+    trainer_cls = get_loss_spec(cfg.loss.name).trainer or TRAINERS[cfg.trainer.name]
+    sharded = getattr(trainer_cls, "sharded_checkpoints", False)
+    resume = load_for_resume(cfg.resume, sharded) if cfg.resume else None
     OmegaConf.resolve(cfg)
     if cfg.local_run_dir is None:  # rank 0 makes a fresh dir; every rank takes its name
         cfg.local_run_dir = distributed.broadcast_object(
@@ -143,8 +145,8 @@ def _run(cfg: DictConfig) -> str:
     # distributed trainers place (and shard) the model themselves, and only rank 0 reads the
     # weights: the others build the bare architecture and receive their shards from it
     device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None
-    meta = trainer_cls.sharded_checkpoints and not distributed.is_main()
-    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
+    meta = sharded and not distributed.is_main()
+    policy = load_policy(cfg, archive, device_map=device_map, meta=meta)
     reference = None
     if lora.enabled(cfg.model):
         policy = lora.apply_lora(policy, cfg.model.lora)

@@ -225,7 +225,7 @@ class BasicTrainer:
                 count += n
         results = self.reduce_means(sums, count)
         self.state.last_eval = self.state.examples
-        if self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
+        if self.spec.samples and self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
             # every rank samples the same prompts: sharded forwards are collective
             self.logger.log_samples(self.state.examples, self.sample())
         self.logger.log(results, self.state.examples)
@@ -384,14 +384,21 @@ class BasicTrainer:
 
     def write_extras(self, name, ckpt_dir, state: dict, policy_state: dict):
         """Files beside policy.pt, inside the same atomic checkpoint dir: the shards, the LoRA
-        adapters, the Hugging Face export (adapters merged)."""
+        adapters, the loss's own files, the Hugging Face export (adapters merged)."""
         staged = checkpoints.staging_dir(self.run_dir, name)
         if staged.exists():
             os.replace(staged, ckpt_dir / checkpoints.SHARDED)
         if lora.is_lora(self.policy):
             lora.save_adapter(self.policy, state, ckpt_dir / checkpoints.ADAPTER)
+        if self.spec.checkpoint_files is not None:  # the loss's own files (reward statistics)
+            self.spec.checkpoint_files(self, ckpt_dir)
         if self.cfg.export_hf:
-            save_hf_model(lora.causal_lm(self.policy).config, policy_state, ckpt_dir / "hf")
+            model = lora.causal_lm(self.policy)
+            from transformers import PreTrainedModel
+            if isinstance(model, PreTrainedModel):  # a causal LM, from the (merged) state dict
+                save_hf_model(model.config, policy_state, ckpt_dir / "hf")
+            else:  # a model with its own export (a reward model: backbone dir + head weights)
+                model.save_pretrained(ckpt_dir / "hf", safe_serialization=True)
             self.tokenizer.save_pretrained(ckpt_dir / "hf")
 
     def policy_state_dict(self) -> dict:

@@ -172,3 +172,15 @@ def save_hf_model(config, state: dict, out_dir):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad position of each row, for left or right padding: [B, L] -> [B]."""
+    length = attention_mask.shape[1]
+    return length - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same positions as an
+    unpadded one (what generate() uses); padding gets position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

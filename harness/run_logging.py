@@ -77,7 +77,7 @@ class RunLogger:
             self.wandb.log({"samples": table}, step=step)
 
     def plot(self) -> Path | None:
-        """curves.png: every loss / reward metric against examples seen."""
+        """curves.png: every loss / reward / KL metric against examples seen."""
         return plot_metrics(self.path, self.run_dir / "curves.png")
 
     def close(self):
@@ -117,11 +117,17 @@ def plot_metrics(metrics_path, out_path) -> Path | None:
     for row in rows:
         for key, value in row.items():
             family = key.split("/")[0].replace("_train", "").replace("_eval", "")
-            if "/" in key and family in ("loss", "rewards", "logps"):
-                groups.setdefault(key.rsplit("/", 1)[1] if family == "rewards" else family, {}) \
+            if "/" in key and family in ("loss", "rewards", "logps", "kl"):
+                # rewards_* / kl_* panels: one per statistic, train and eval together
+                by_stat = family in ("rewards", "kl")
+                groups.setdefault(f"{family}: {key.rsplit('/', 1)[1]}" if by_stat else family, {}) \
                     .setdefault(key, []).append((row["step"], value))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
-    for ax, (title, series) in zip(axes[0], sorted(groups.items())):
+    cols = min(4, len(groups))  # wrap into rows of at most 4 panels
+    rows_n = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (title, series) in zip(axes.flat, sorted(groups.items())):
         for key, points in sorted(series.items()):
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)

@@ -4,6 +4,7 @@
     python scripts/evaluate.py RUN_A RUN_B --reference SFT_RUN/LATEST/policy.pt --n-prompts 128
     python scripts/evaluate.py /models/hf_dir --reference /models/base --out result.json
     python scripts/evaluate.py CKPT --gold mytask --import mytask.rewards   # your own gold reward
+    python scripts/evaluate.py CKPT --reward-model RM_RUN    # a trained reward model as the gold
 
 Each checkpoint gets a JSON next to it (eval_<gold>_seed<seed>.json in its checkpoint dir) and
 one line on stdout. The metrics are defined in harness/evaluation.py.
@@ -29,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--base-model", help="base model dir of a policy.pt that has no run config.yaml")
     p.add_argument("--reference-base-model", help="the same, for the reference")
     p.add_argument("--gold", default="toy", help="registered gold reward name (default: toy)")
+    p.add_argument("--reward-model", metavar="RM", help="score with a reward-model checkpoint "
+                   "(a loss=reward run dir, checkpoint dir or policy.pt) instead of --gold")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module first (one that registers a gold reward or dataset)")
     p.add_argument("--dataset", default="toy", help="registered dataset (NAME or NAME:PATH) whose "
@@ -54,6 +57,9 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--out names one file: evaluate one checkpoint at a time with it")
     for module in args.imports:
         importlib.import_module(module)
+    if args.reward_model:  # registered as a gold reward named rm-<run>-<checkpoint>
+        from harness.reward_model import register_reward_checkpoint
+        args.gold = register_reward_checkpoint(args.reward_model, device=args.device)
     cfg = EvalConfig(gold=args.gold, dataset=args.dataset, split=args.split,
                      n_prompts=args.n_prompts, prompts_file=args.prompts_file,
                      sampling=SamplingConfig(max_new_tokens=args.max_new_tokens,

@@ -31,7 +31,7 @@ def make(*overrides):
 
 
 def test_groups_have_the_promised_options():
-    assert set(options("loss")) == {"sft", "dpo", "ipo"} == set(LOSSES)
+    assert set(options("loss")) == {"sft", "dpo", "ipo", "reward", "ppo"} == set(LOSSES)
     assert set(options("trainer")) == set(TRAINERS)
     assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
             "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
@@ -52,10 +52,27 @@ def test_every_model_composes(model):
     check_config(cfg)
 
 
+# one override per loss that sets its required value or flips a default
+LOSS_OVERRIDES = {"sft": ["loss.token_mean=true"], "dpo": ["loss.beta=0.1"],
+                  "ipo": ["loss.beta=0.1"], "reward": ["loss.margin=0.5", "loss.center_coef=0.01"],
+                  "ppo": ["loss.reward_model=RM_RUN", "loss.adaptive_kl=true",
+                          "loss.kl_estimator=k3", "loss.gold_reward=toy"]}
+
+
 @pytest.mark.parametrize("loss", options("loss"))
 def test_every_loss_composes(loss):
-    cfg = make(f"loss={loss}", "loss.beta=0.1" if loss != "sft" else "loss.token_mean=true")
+    cfg = make(f"loss={loss}", *LOSS_OVERRIDES[loss])
     assert cfg.loss.name == loss
+    check_config(cfg)
+
+
+PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": []}
+
+
+@pytest.mark.parametrize("preset", options("preset"))
+def test_every_preset_composes(preset):
+    cfg = make(f"+preset={preset}", *PRESET_OVERRIDES[preset])
+    assert cfg.loss.name == preset.split("_")[0]
     check_config(cfg)
 
 
@@ -78,6 +95,11 @@ def test_every_trainer_composes(trainer):
     (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
     (["model.lora.r=0"], "model.lora.r"),
     (["model.lora.r=8", "trainer=TensorParallelTrainer"], "LoRA"),
+    (["loss=ppo"], "loss=reward"),  # no reward model: says how to train one
+    (["loss=ppo", "loss.reward_model=R", "loss.lora=true"], "#6"),
+    (["loss=ppo", "loss.reward_model=R", "loss.kl_estimator=k2"], "loss.kl_estimator"),
+    (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
+    (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),
 ])
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -6,11 +6,12 @@
 #   bash scripts/sweeps/frontier.sh --out DIR  # sweep and report into DIR (docs/ stays untouched)
 #
 # 1. SFT of the tiny base model on the toy SFT targets: the reference of every other method.
-# 2. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
+# 2. A reward model trained from the SFT model on the toy pairs (+preset=reward_toy), for PPO.
+# 3. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
 #    each job starting from the SFT checkpoint, each in its own run dir.
-# 3. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
+# 4. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
 #    the SFT reference, on the held-out toy test prompts with one seed.
-# 4. scripts/sweeps/frontier_report.py: frontier.md (table) + frontier.png (gold reward vs KL).
+# 5. scripts/sweeps/frontier_report.py: frontier.md (table) + frontier.png (gold reward vs KL).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
@@ -40,20 +41,26 @@ if [ "$MODE" = full ]; then
   OUT=${OUT:-.cache/frontier}
   BETAS_DPO="0.1,0.3,1.0,3.0"
   BETAS_IPO="0.03,0.1,0.3,1.0"
+  PPO_ARGS="loss.kl_coef=0.05,0.2"   # otherwise the ppo_toy preset (3840 prompts)
 else
   OUT=${OUT:-.cache/frontier_quick}
   BETAS_DPO="0.3"
   BETAS_IPO="0.1"
+  PPO_ARGS="loss.kl_coef=0.05 n_examples=1280"  # a third of the preset's prompts: CI time
 fi
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
 # Every row trains from the SFT checkpoint (model.archive) and is evaluated against it. The
 # overrides are train.py command-line overrides; comma lists are swept (Hydra multirun). To add
 # a method, add one row; its runs need only end with RUN/LATEST/policy.pt, as train.py's do.
+# PPO optimises the reward model of step 2, whose run dir is fixed here (relative paths are from
+# the repo root, where every command runs).
+RM="$OUT/reward_model/reward"
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
   "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
   "cdpo|loss=dpo loss.label_smoothing=0.2 loss.beta=$BETAS_DPO $PREF_ARGS"
+  "ppo|+preset=ppo_toy loss.reward_model=$RM $PPO_ARGS"
 )
 
 COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1"
@@ -70,6 +77,12 @@ train() {  # train METHOD_DIR OVERRIDES...
 rm -rf "$OUT/sft" && mkdir -p "$OUT/sft"
 train "$OUT/sft" loss=sft exp_name=sft $SFT_ARGS
 SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
+
+# the reward model for PPO (10 epochs from SFT); its folder holds no evaluated policy, so the
+# report skips it
+rm -rf "$OUT/reward_model" && mkdir -p "$OUT/reward_model"
+train "$OUT/reward_model" +preset=reward_toy exp_name=reward "model.archive=$SFT" \
+  "local_run_dir=$(cd "$OUT/reward_model" && pwd)/reward"
 
 for row in "${METHODS[@]}"; do
   name=${row%%|*}
