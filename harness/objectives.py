@@ -23,6 +23,13 @@ class LossSpec:
     paired: bool           # trains on (chosen, rejected) pairs rather than single SFT targets
     step: Callable         # step(trainer, batch, split) -> (mean loss, {metric: [batch] tensor})
     uses_reference: bool = False  # needs reference log-probs (unless loss.reference_free=true)
+    # loss.* keys read by the step / data hooks rather than by `fn` (so typos still fail)
+    options: tuple[str, ...] = ()
+    # data(cfg, tokenizer) -> ExampleFormat: how records become examples and tokens; None keeps
+    # the standard SFT targets / preference pairs (CoH builds hindsight chains instead)
+    data: Callable | None = None
+    # check(cfg) raises on bad loss options before any model loads (train.check_config)
+    check: Callable | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -42,15 +49,18 @@ def get_loss_spec(name: str) -> LossSpec:
 
 
 def loss_kwargs(loss_cfg) -> dict:
-    """The loss config minus its name, checked against the loss function's parameters."""
+    """The loss config minus its name and the spec's own `options`, checked against the loss
+    function's parameters: the keyword arguments of `spec.fn`."""
     spec = get_loss_spec(loss_cfg.name)
-    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
+    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items()
+              if k != "name" and k not in spec.options}
     params = inspect.signature(spec.fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = set(kwargs) - set(params)
         if unknown:
+            known = (set(params) | set(spec.options)) - {"policy_chosen_logps"}
             raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
-                             f" (options: {sorted(set(params) - {'policy_chosen_logps'})})")
+                             f" (options: {sorted(known)})")
     return kwargs
 
 
@@ -89,3 +99,6 @@ register_loss("dpo", LossSpec(losses.dpo_loss, paired=True, step=preference_step
                               uses_reference=True))
 register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step,
                               uses_reference=True))
+
+# Losses with their own module register themselves on import (last: they import this module).
+import harness.coh  # noqa: E402,F401
