@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 import losses
@@ -64,12 +65,10 @@ def parse_template(text, slots: tuple[str, ...], where: str) -> Blocks:
         parts = list(string.Formatter().parse(text))
     except ValueError as err:
         raise ValueError(f"{where} = {text!r} is not a valid template ({err})") from None
-    blocks = []
+    blocks, trailing = [], ""
     for literal, field, _, _ in parts:
         if field is None:
-            if literal:
-                raise ValueError(f"{where} = {text!r} has text after its last slot; end the "
-                                 "template with the answer slot (the answer's EOS follows it)")
+            trailing = literal
         elif field not in slots or field in {slot for _, slot in blocks}:
             raise ValueError(f"{where} = {text!r}: slot {{{field}}} is unknown or repeated; "
                              f"use each of {', '.join('{' + s + '}' for s in slots)} once")
@@ -79,6 +78,9 @@ def parse_template(text, slots: tuple[str, ...], where: str) -> Blocks:
     if missing:
         raise ValueError(f"{where} = {text!r} has no answer slot {{{missing[0]}}}; write e.g. "
                          f"' A helpful answer:{{{missing[0]}}}'")
+    if trailing:
+        raise ValueError(f"{where} = {text!r} has text after its last slot; end the template "
+                         "with the answer slot (the answer's EOS follows it)")
     return tuple(blocks)
 
 
@@ -89,7 +91,7 @@ def feedback_sets(loss_cfg) -> dict:
     if path:
         try:
             extra = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except (OSError, ValueError) as err:  # missing file, YAML syntax error
+        except (OSError, ValueError, yaml.YAMLError) as err:  # missing file, YAML syntax error
             raise ValueError(f"loss.feedback_sets_file={path!r}: {err}") from None
         if not isinstance(extra, dict):
             raise ValueError(f"loss.feedback_sets_file={path!r} must map set names to sets")
