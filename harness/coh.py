@@ -346,5 +346,6 @@ def coh_step(trainer, batch, split: str):
     return loss, metrics
 
 
-register_loss("coh", LossSpec(losses.coh_loss, paired=False, step=coh_step, options=OPTIONS,
-                              data=coh_data, check=coh_settings))
+register_loss("coh", LossSpec(
+    losses.coh_loss, paired=False, step=coh_step, options=OPTIONS, data=coh_data,
+    check=coh_settings, prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))

@@ -30,6 +30,9 @@ class LossSpec:
     data: Callable | None = None
     # check(cfg) raises on bad loss options before any model loads (train.check_config)
     check: Callable | None = None
+    # prompt_suffix(cfg) -> text appended to every prompt when sampling from a model trained
+    # with this loss (CoH: its positive feedback phrase); None: prompts are used as they are
+    prompt_suffix: Callable | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -68,6 +71,12 @@ def needs_reference(loss_cfg) -> bool:
     """Whether this loss config reads reference log-probs (so a reference model must load)."""
     spec = get_loss_spec(loss_cfg.name)
     return spec.uses_reference and not loss_cfg.get("reference_free", False)
+
+
+def sampling_prompt_suffix(cfg) -> str:
+    """What to append to prompts when sampling from a model trained with run config `cfg`."""
+    spec = get_loss_spec(cfg.loss.name)
+    return spec.prompt_suffix(cfg) if spec.prompt_suffix else ""
 
 
 def sft_step(trainer, batch, split: str):

@@ -223,3 +223,12 @@ def test_chains_batch_through_the_standard_iterator():
     phrase = tokenizer(" A helpful answer:", add_special_tokens=False)["input_ids"]
     assert batch["prompt_input_ids"][:, -len(phrase):].tolist() == [phrase] * 4
     assert OmegaConf.select(make_cfg(), "loss.inference_phrase") is None
+
+
+def test_sampling_prompt_suffix_is_the_positive_phrase():
+    from harness.objectives import sampling_prompt_suffix
+    assert sampling_prompt_suffix(make_cfg()) == " A helpful answer:"
+    assert sampling_prompt_suffix(make_cfg("loss.feedback_set=qa")) == " A correct answer:"
+    assert sampling_prompt_suffix(make_cfg("loss.inference_phrase=' Best:'")) == " Best:"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        assert sampling_prompt_suffix(compose(config_name="config")) == ""  # loss=sft
