@@ -161,7 +161,8 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
             examples.extend(record_examples(prompt, data[prompt]) if record_examples else
                             _record_examples(prompt, data[prompt], sft_mode))
     if not examples:
-        mode = "SFT targets" if sft_mode else "preference pairs (SFT-only data in a pairwise loss?)"
+        mode = "examples" if record_examples else "SFT targets" if sft_mode else \
+            "preference pairs (SFT-only data in a pairwise loss?)"
         raise ValueError(f"datasets {list(specs)} split {split!r} gave no {mode}")
     return examples
 
