@@ -1,4 +1,4 @@
-"""The offline training loop, shared by SFT and the DPO family.
+"""The offline training loop, shared by SFT, the DPO family and Chain of Hindsight.
 
 BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
 micro-batches -> log -> checkpoint when due. What differs between losses is one step function
