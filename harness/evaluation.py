@@ -1,0 +1,204 @@
+"""Evaluate a checkpoint against a gold reward: how much it aligns, and how far it drifts.
+
+For held-out prompts, the policy and its reference each sample one completion per prompt (same
+seed, same settings). From those samples:
+
+    gold reward      mean of gold(prompt, policy completion), with a 95% interval
+    KL               KL(policy || reference) per sequence, estimated from the policy's samples as
+                     mean_i sum_t [log pi(y_it | x_i, y_i<t) - log ref(y_it | x_i, y_i<t)]
+                     (the Monte Carlo form of E_{y~pi} log pi(y|x) / ref(y|x), the quantity on the
+                     x axis of the DPO paper's Figure 2), with a 95% interval
+    length           mean completion length in tokens (EOS not counted)
+    win rate         share of prompts where the policy's completion beats the reference's under
+                     the gold reward; a tie counts half a win, with a 95% interval
+
+The KL estimate is unbiased only when the samples come from the policy itself, i.e. at
+temperature=1 and top_p=1 (the defaults); other settings report the mean log-ratio of the
+tempered samples, which is no longer a KL. Intervals are normal approximations,
+mean +- 1.96 * sd / sqrt(n), with sd the sample standard deviation (n - 1).
+"""
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from omegaconf import OmegaConf
+
+from harness.checkpoints import atomic_write_text
+from harness.generation import (SamplingConfig, completion_logps, load_checkpoint,
+                                resolve_checkpoint, sample)
+from harness.toy_task import get_gold_reward
+
+Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+
+
+# ------------------------------------------------------------------------- statistics
+def mean_ci(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% normal interval); the half-width is NaN for one value."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        raise ValueError("no values to average")
+    if x.numel() == 1:
+        return x.item(), math.nan
+    return x.mean().item(), Z_95 * x.std(correction=1).item() / math.sqrt(x.numel())
+
+
+def win_scores(policy_rewards, reference_rewards) -> torch.Tensor:
+    """Per prompt: 1 if the policy's reward is higher, 0.5 on a tie, 0 if lower."""
+    p = torch.as_tensor(policy_rewards, dtype=torch.float64)
+    r = torch.as_tensor(reference_rewards, dtype=torch.float64)
+    if p.shape != r.shape:
+        raise ValueError(f"{p.numel()} policy rewards but {r.numel()} reference rewards")
+    return (p > r).double() + 0.5 * (p == r).double()
+
+
+def sequence_kl(policy_logps, reference_logps) -> torch.Tensor:
+    """Per-sequence log-ratios log pi(y|x) - log ref(y|x) of samples y ~ pi: their mean is the
+    Monte Carlo estimate of KL(pi || ref). Inputs: summed log-probs [n] (or per-token [n, T]
+    with padding already 0, which sums to the same)."""
+    p = torch.as_tensor(policy_logps, dtype=torch.float64)
+    r = torch.as_tensor(reference_logps, dtype=torch.float64)
+    if p.shape != r.shape:
+        raise ValueError(f"policy log-probs {tuple(p.shape)} vs reference {tuple(r.shape)}")
+    diff = p - r
+    return diff.sum(-1) if diff.dim() > 1 else diff
+
+
+# ------------------------------------------------------------------------------ inputs
+def load_prompts(dataset: str = "toy", split: str = "test", n_prompts: int | None = None,
+                 prompts_file: str | None = None) -> list[str]:
+    """Held-out prompts: the first n of a registered dataset's split (NAME or NAME:PATH), or of
+    a file (a JSON list of strings, or JSONL rows with a "prompt" key)."""
+    if prompts_file:
+        prompts = _read_prompts_file(prompts_file)
+        where = f"prompts file {prompts_file!r}"
+    else:
+        from preference_datasets import get_dataset
+        prompts = list(get_dataset(dataset, split, silent=True))
+        where = f"dataset {dataset!r} split {split!r}"
+    if n_prompts is not None:
+        if n_prompts < 1:
+            raise ValueError(f"n_prompts={n_prompts}: need at least one prompt")
+        prompts = prompts[:n_prompts]
+    if not prompts:
+        raise ValueError(f"{where} has no prompts: the prompt set is empty")
+    return prompts
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+    text = open(path, encoding="utf-8").read()
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    prompts = []
+    for i, row in enumerate(rows, 1):
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}: entry {i} is not a string or a row with a 'prompt' string")
+        prompts.append(prompt)
+    return prompts
+
+
+def default_reference(policy_path: str) -> str:
+    """The reference a run trained against: its model.archive (e.g. the SFT policy.pt), else its
+    base model. Needs the run's config.yaml (the checkpoint dir's parent)."""
+    ref = resolve_checkpoint(policy_path)
+    if ref.archive is None:
+        raise ValueError(f"{policy_path!r} is not a run checkpoint, so its reference is unknown: "
+                         "name it (--reference PATH)")
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(ref.archive))), "config.yaml"))
+    return OmegaConf.select(cfg, "model.archive") or OmegaConf.select(cfg, "model.name_or_path")
+
+
+def output_path(policy_path: str, gold: str, seed: int) -> str:
+    """The JSON goes next to the checkpoint: into its checkpoint / model dir."""
+    target = policy_path if os.path.isdir(policy_path) else os.path.dirname(
+        os.path.abspath(policy_path))
+    if not os.path.isdir(target):
+        raise ValueError(f"{policy_path!r} is not a local checkpoint: give an output path (--out)")
+    if os.path.isfile(os.path.join(target, "LATEST", "policy.pt")):  # a run dir
+        target = os.path.join(target, "LATEST")
+    return os.path.join(target, f"eval_{gold}_seed{seed}.json")
+
+
+# -------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalConfig:
+    gold: str = "toy"
+    dataset: str = "toy"
+    split: str = "test"
+    n_prompts: int | None = None
+    prompts_file: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    base_model: str | None = None      # base model of a policy.pt without a run config
+    reference_base_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def _check_same_tokenizer(tok_a, tok_b):
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        raise ValueError("the policy and the reference use different tokenizers; a token-level KL "
+                         "needs one tokenizer (evaluate checkpoints of the same base model)")
+
+
+def _reference_samples(cache: dict, key, model, tok, prompts, sampling):
+    """Reference samples and gold rewards are the same for every policy sharing a reference:
+    computed once per process."""
+    if key not in cache:
+        cache[key] = sample(model, tok, prompts, sampling, desc="reference samples")
+    return cache[key]
+
+
+def evaluate(policy_path: str, reference_path: str | None = None, cfg: EvalConfig = EvalConfig(),
+             cache: dict | None = None) -> dict:
+    """Every metric of the module docstring for one checkpoint, as a JSON-ready dict."""
+    gold_fn = get_gold_reward(cfg.gold)  # fail before loading anything
+    prompts = load_prompts(cfg.dataset, cfg.split, cfg.n_prompts, cfg.prompts_file)
+    reference_path = reference_path or default_reference(policy_path)
+    policy, tok = load_checkpoint(policy_path, cfg.base_model, dtype=cfg.dtype, device=cfg.device)
+    reference, ref_tok = load_checkpoint(reference_path, cfg.reference_base_model, dtype=cfg.dtype,
+                                         device=cfg.device)
+    _check_same_tokenizer(tok, ref_tok)
+    s = cfg.sampling
+    pi_samples = sample(policy, tok, prompts, s, desc="policy samples")
+    key = (str(resolve_checkpoint(reference_path, cfg.reference_base_model)), str(asdict(s)),
+           hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
+    ref_samples = _reference_samples(cache if cache is not None else {}, key, reference, ref_tok,
+                                     prompts, s)
+    pi_logps, _ = completion_logps(policy, tok, pi_samples, s.batch_size, desc="policy logps")
+    ref_logps, _ = completion_logps(reference, tok, pi_samples, s.batch_size, desc="ref logps")
+    pi_rewards = [gold_fn(x.prompt, x.completion) for x in pi_samples]
+    ref_rewards = [gold_fn(x.prompt, x.completion) for x in ref_samples]
+    lengths = [len(x.completion_ids) - x.finished for x in pi_samples]
+    result = {"checkpoint": policy_path, "reference": reference_path, "gold_reward_name": cfg.gold,
+              "prompts": cfg.prompts_file or f"{cfg.dataset}:{cfg.split}", "n_prompts": len(prompts),
+              "sampling": asdict(s)}
+    for name, values in (("gold_reward", pi_rewards), ("reference_gold_reward", ref_rewards),
+                         ("kl", sequence_kl(pi_logps, ref_logps)), ("length", lengths),
+                         ("win_rate", win_scores(pi_rewards, ref_rewards))):
+        result[name], result[f"{name}_ci95"] = mean_ci(values)
+    result["finished_fraction"] = sum(x.finished for x in pi_samples) / len(pi_samples)
+    result["win_rate_ties"] = "a tie under the gold reward counts as half a win"
+    result["examples"] = [{"prompt": x.prompt, "policy": x.completion, "reference": y.completion}
+                          for x, y in zip(pi_samples[:5], ref_samples[:5])]
+    return result
+
+
+def write_result(result: dict, path: str):
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def format_line(result: dict) -> str:
+    r = result
+    return (f"eval {r['checkpoint']}: gold {r['gold_reward']:.4f} +- {r['gold_reward_ci95']:.4f}"
+            f" | KL {r['kl']:.3f} +- {r['kl_ci95']:.3f} nats | length {r['length']:.1f}"
+            f" | win rate {r['win_rate']:.3f} (ties half) vs reference gold "
+            f"{r['reference_gold_reward']:.4f} | n={r['n_prompts']} seed={r['sampling']['seed']}")

@@ -1,0 +1,75 @@
+"""Evaluate checkpoints against a gold reward: reward (95% CI), KL to the reference, length, win rate.
+
+    python scripts/evaluate.py RUN/LATEST/policy.pt                 # reference from the run config
+    python scripts/evaluate.py RUN_A RUN_B --reference SFT_RUN/LATEST/policy.pt --n-prompts 128
+    python scripts/evaluate.py /models/hf_dir --reference /models/base --out result.json
+    python scripts/evaluate.py CKPT --gold mytask --import mytask.rewards   # your own gold reward
+
+Each checkpoint gets a JSON next to it (eval_<gold>_seed<seed>.json in its checkpoint dir) and
+one line on stdout. The metrics are defined in harness/evaluation.py.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness.evaluation import (EvalConfig, evaluate, format_line, output_path,  # noqa: E402
+                                write_result)
+from harness.generation import SamplingConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="policy.pt, checkpoint dir, run dir or HF model dir")
+    p.add_argument("--reference", help="the reference checkpoint (default: the run's model.archive, "
+                   "else its base model)")
+    p.add_argument("--base-model", help="base model dir of a policy.pt that has no run config.yaml")
+    p.add_argument("--reference-base-model", help="the same, for the reference")
+    p.add_argument("--gold", default="toy", help="registered gold reward name (default: toy)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module first (one that registers a gold reward or dataset)")
+    p.add_argument("--dataset", default="toy", help="registered dataset (NAME or NAME:PATH) whose "
+                   "split gives the prompts (default: toy)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--prompts-file", help="JSON list of prompts or JSONL with a 'prompt' key "
+                   "(instead of --dataset)")
+    p.add_argument("--n-prompts", type=int, help="use the first N prompts (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", help="output JSON path (one checkpoint only; default: next to it)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.out and len(args.checkpoints) > 1:
+        raise SystemExit("--out names one file: evaluate one checkpoint at a time with it")
+    for module in args.imports:
+        importlib.import_module(module)
+    cfg = EvalConfig(gold=args.gold, dataset=args.dataset, split=args.split,
+                     n_prompts=args.n_prompts, prompts_file=args.prompts_file,
+                     sampling=SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature, top_p=args.top_p,
+                                             batch_size=args.batch_size, seed=args.seed),
+                     base_model=args.base_model, reference_base_model=args.reference_base_model,
+                     device=args.device, dtype=args.dtype)
+    cache, results = {}, []
+    for ckpt in args.checkpoints:
+        result = evaluate(ckpt, args.reference, cfg, cache)
+        path = args.out or output_path(ckpt, args.gold, args.seed)
+        write_result(result, path)
+        print(format_line(result) + f" -> {path}", flush=True)
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()

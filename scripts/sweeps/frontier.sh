@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The reward-vs-KL frontier on the bundled toy task (the DPO paper's Figure 2, laptop-sized).
+#
+#   bash scripts/sweeps/frontier.sh            # full mode (~25 min on 2 CPU cores) -> docs/
+#   bash scripts/sweeps/frontier.sh --quick    # CI mode (a couple of minutes): fewer runs/prompts
+#   bash scripts/sweeps/frontier.sh --out DIR  # where the sweep and its report go
+#
+# 1. SFT of the tiny base model on the toy SFT targets: the reference of every other method.
+# 2. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
+#    each job starting from the SFT checkpoint, each in its own run dir.
+# 3. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
+#    the SFT reference, on the held-out toy test prompts with one seed.
+# 4. scripts/sweeps/frontier_report.py: frontier.md (table) + frontier.png (gold reward vs KL).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python}
+
+MODE=full
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --out) OUT="$2"; shift ;;
+    *) echo "usage: bash scripts/sweeps/frontier.sh [--quick] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# ---- settings per mode --------------------------------------------------------------------
+# SFT needs many epochs on the 2000 toy targets before it samples better than the base model;
+# the preference methods then train 2 epochs on the 2000 toy pairs at the tiny model's lr.
+if [ "$MODE" = full ]; then
+  OUT=${OUT:-.cache/frontier}
+  SFT_ARGS="n_epochs=20"
+  PREF_ARGS="n_epochs=2"
+  BETAS_DPO="0.1,0.3,1.0,3.0"
+  BETAS_IPO="0.03,0.1,0.3,1.0"
+  EVAL_ARGS="--n-prompts 200"
+else
+  OUT=${OUT:-.cache/frontier_quick}
+  SFT_ARGS="n_epochs=8"
+  PREF_ARGS="n_epochs=2"
+  BETAS_DPO="0.3"
+  BETAS_IPO="0.1"
+  EVAL_ARGS="--n-prompts 100"
+fi
+
+# ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
+# Every row trains from the SFT checkpoint (model.archive) and is evaluated against it.
+# To add a method, add one row here.
+METHODS=(
+  "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
+  "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
+  "cdpo|loss=dpo loss.label_smoothing=0.2 loss.beta=$BETAS_DPO $PREF_ARGS"
+)
+
+COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+echo "frontier ($MODE) -> $OUT"
+
+# hydra.sweep.dir keeps Hydra's multirun.yaml inside the sweep folder, not in the cwd
+train() {  # train METHOD_DIR OVERRIDES...
+  local dir="$1"; shift
+  $PY train.py -m $COMMON "local_dirs=[$dir]" "hydra.sweep.dir=$dir" "$@"
+}
+
+rm -rf "$OUT/sft" && mkdir -p "$OUT/sft"
+train "$OUT/sft" loss=sft exp_name=sft $SFT_ARGS
+SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
+
+for row in "${METHODS[@]}"; do
+  name=${row%%|*}
+  overrides=${row#*|}
+  rm -rf "$OUT/$name" && mkdir -p "$OUT/$name"
+  # shellcheck disable=SC2086  # the overrides are meant to split into words
+  train "$OUT/$name" exp_name="$name" "model.archive=$SFT" $overrides
+done
+
+# every final checkpoint, plus the base model and SFT itself, against the SFT reference
+CKPTS=("$SFT")
+for row in "${METHODS[@]}"; do
+  CKPTS+=("$OUT/${row%%|*}"/*_*/LATEST/policy.pt)
+done
+# shellcheck disable=SC2086
+$PY scripts/evaluate.py "${CKPTS[@]}" --reference "$SFT" $EVAL_ARGS
+$PY scripts/evaluate.py assets/tiny_model --reference "$SFT" $EVAL_ARGS \
+  --out "$OUT/sft/base_model_eval.json"
+
+# the full mode's report is the committed one; quick mode reports inside its sweep folder
+if [ "$MODE" = full ]; then REPORT_DIR=docs; FLAG=""; else REPORT_DIR=$OUT; FLAG=" --quick"; fi
+mkdir -p "$REPORT_DIR"
+LISTED=$(for row in "${METHODS[@]}"; do printf '%s `%s`; ' "${row%%|*}" "${row#*|}"; done)
+$PY scripts/sweeps/frontier_report.py "$OUT" --md "$REPORT_DIR/frontier.md" \
+  --png "$REPORT_DIR/frontier.png" --settings "Made by \`bash scripts/sweeps/frontier.sh$FLAG\` \
+($MODE mode), every run on the tiny model with config/model/tiny.yaml defaults plus: SFT \`$SFT_ARGS\`; \
+$LISTED evaluation \`$EVAL_ARGS\`, seed 0, temperature 1, top_p 1, 64 new tokens at most."
