@@ -119,3 +119,25 @@ def test_resume_is_exact_with_fcm_and_pretraining_mix(tmp_path):
     for e, g in zip(expected, got):
         for key in ("loss/train", "loss/pt_train", "fcm/drop_rate", "grad_norm"):
             assert g[key] == pytest.approx(e[key], rel=1e-6), (e["step"], key)
+
+
+def test_evaluate_prompts_a_coh_model_with_its_positive_phrase(plain_coh):
+    from harness.evaluation import EvalConfig, evaluate, format_line, policy_prompt_suffix
+    from harness.generation import SamplingConfig
+    ckpt = str(plain_coh / "LATEST" / "policy.pt")
+    assert policy_prompt_suffix(ckpt) == " A helpful answer:"
+    assert policy_prompt_suffix(ckpt, "none") == "" and policy_prompt_suffix(ckpt, " X:") == " X:"
+    assert policy_prompt_suffix("assets/tiny_model") == ""  # an HF dir: no run config
+    cfg = EvalConfig(n_prompts=4, sampling=SamplingConfig(max_new_tokens=16, batch_size=4))
+    result = evaluate(ckpt, "assets/tiny_model", cfg)
+    assert result["policy_prompt_suffix"] == " A helpful answer:"
+    assert all(e["prompt"].endswith("Assistant:") for e in result["examples"])  # gold sees plain
+    assert "' A helpful answer:'" in format_line(result)
+    plain = evaluate(ckpt, "assets/tiny_model", EvalConfig(
+        n_prompts=4, policy_prompt_suffix="none", sampling=cfg.sampling))
+    assert plain["policy_prompt_suffix"] == "" and plain["kl"] != result["kl"]
+    # the phrase tokenizes the same appended to the prompt as on its own (as in training)
+    tok = load_tokenizer("assets/tiny_model")
+    for e in result["examples"]:
+        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        assert ids(e["prompt"] + " A helpful answer:") == ids(e["prompt"]) + ids(" A helpful answer:")
