@@ -32,7 +32,8 @@ def read_documents(source: str, *, seed: int = 0, text_field: str = "text", spli
     if source == "toy":
         from harness.toy_task import pretraining_corpus
         return pretraining_corpus(min(TOY_DOCUMENTS, max_documents), seed)
-    if os.path.exists(source):
+    if os.path.exists(os.path.expanduser(source)):
+        source = os.path.expanduser(source)
         if source.endswith((".json", ".jsonl")):
             rows = read_json(source)
             for i, row in enumerate(rows):
