@@ -77,4 +77,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: the message, no traceback
+        raise SystemExit(f"evaluate.py: error: {e.args[0] if isinstance(e, KeyError) else e}")

@@ -20,12 +20,17 @@ from harness.checkpoints import atomic_write_text  # noqa: E402
 from harness.sweep_summary import collect, to_csv, to_markdown  # noqa: E402
 
 
+# per-step training scalars logged without a "/": shown with --all only
+TRAIN_SCALARS = {"grad_norm", "examples_per_second", "tokens_per_second", "lr"}
+
+
 def default_columns(rows: list[dict]) -> list[str]:
-    """run, varied config keys, step, then evaluation metrics (train metrics only with --all)."""
+    """run, varied config keys, evaluation metrics, step (train metrics only with --all)."""
     columns = []
     for row in rows:
         for key in row:
-            if key not in columns and ("/" not in key or "eval" in key.split("/")[0]):
+            wanted = "eval" in key if "/" in key else key not in TRAIN_SCALARS
+            if key not in columns and wanted:
                 columns.append(key)
     return [c for c in columns if c not in ("step", "counters/examples")] + ["step"]
 

@@ -144,3 +144,5 @@ def test_bad_checkpoints_are_named(tmp_path, sft_checkpoint):
     empty.write_text("")
     out = run_script(str(sft_checkpoint), "--prompts-file", str(empty))
     assert out.returncode != 0 and "prompt set is empty" in out.stderr
+    out = run_script(str(sft_checkpoint), "--gold", "nope")
+    assert out.returncode != 0 and "registered: [" in out.stderr and "Traceback" not in out.stderr

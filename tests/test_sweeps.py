@@ -69,7 +69,8 @@ def test_summarize_runs(tmp_path, capsys):
     summarize_runs.main([str(tmp_path), "--csv", str(tmp_path / "t.csv")])
     out = capsys.readouterr().out
     header = out.splitlines()[0]
-    assert "loss.beta" in header and "eval/gold_reward" in header and "loss/train" not in header
+    assert "loss.beta" in header and "eval/gold_reward" in header and "loss/eval" in header
+    assert "loss/train" not in header and "grad_norm" not in header
     assert (tmp_path / "t.csv").exists()
     with pytest.raises(ValueError, match="no runs"):
         collect(tmp_path / "dpo" / "a" / "step-64")
