@@ -81,6 +81,40 @@ def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_me
     return -policy_chosen_logps * (n.numel() / n.sum().clamp(min=1))
 
 
+def masked_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over the trained tokens only.
+
+    Args: token_logps [batch, seq] log p(x_t | x_<t); loss_mask [batch, seq] 1 where trained.
+    Returns: a scalar, -sum(m * logp) / sum(m). Padding and untrained tokens neither add to the
+    sum nor to the count (the CoH PyTorch port divided by every token, shrinking the loss).
+    """
+    mask = loss_mask.to(token_logps.dtype)
+    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def coh_loss(policy_chain_logps: torch.Tensor, n_tokens: torch.Tensor,
+             pt_logps: torch.Tensor | None = None, pt_n_tokens: torch.Tensor | None = None,
+             pt_loss_weight: float = 0.0):
+    """Chain of Hindsight (Liu, Sferrazza, Abbeel 2023, Sec. 3): next-token NLL of the answer
+    tokens of hindsight chains, averaged over the trained tokens of the batch, plus an optional
+    pretraining term on a plain-text batch (the paper's regulariser against overfitting).
+
+    Args: policy_chain_logps [batch] summed log-probs of each chain's trained tokens (answers and
+        their EOS); n_tokens [batch] how many there are; pt_logps [pt_batch], pt_n_tokens
+        [pt_batch] the same for the pretraining batch (None: no pretraining stream);
+        pt_loss_weight: w.
+    Returns: (loss scalar, chain_nll scalar, pt_nll scalar or None) with
+
+        chain_nll = -sum_i logp_i / sum_i n_i        (= masked_nll over the batch)
+        loss      = chain_nll + w * pt_nll
+    """
+    chain_nll = -policy_chain_logps.sum() / n_tokens.sum().clamp(min=1)
+    if pt_logps is None:
+        return chain_nll, chain_nll, None
+    pt_nll = -pt_logps.sum() / pt_n_tokens.sum().clamp(min=1)
+    return chain_nll + pt_loss_weight * pt_nll, chain_nll, pt_nll
+
+
 # ---------------------------------------------------------------- reward models
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

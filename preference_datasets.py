@@ -110,6 +110,21 @@ def _record_examples(prompt: str, record: dict, sft_mode: bool) -> list[Example]
     return [make_example(prompt, responses[w], responses[l], mode) for w, l in record["pairs"]]
 
 
+@dataclass(frozen=True)
+class ExampleFormat:
+    """How a loss turns canonical records into examples and examples into token ids.
+
+    The default is the reference behaviour (SFT targets or preference pairs, tokenize_example);
+    a loss with its own format (CoH chains) supplies `record_examples(prompt, record) -> [ex]`
+    and `tokenize(ex, tokenizer, max_length, max_prompt_length) -> dict` with the same keys."""
+    record_examples: Callable | None = None
+    tokenize: Callable | None = None
+
+    def describe(self, examples: list) -> str:
+        """A line about the examples for the run log ('' when there is nothing to add)."""
+        return ""
+
+
 def _subsample(prompts: list[str], fraction: float, seed: int, spec: str) -> list[str]:
     """A seeded subset of prompts, in their original order. Seeded per spec so that adding a
     dataset to the mix does not change which prompts another one keeps."""
@@ -122,11 +137,12 @@ def _subsample(prompts: list[str], fraction: float, seed: int, spec: str) -> lis
 
 def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction: float = 1.0,
                   seed: int = 0, cache_dir=None, prefs_path=None, num_turns: int = 1,
-                  silent: bool = False) -> list[Example]:
+                  silent: bool = False, record_examples: Callable | None = None) -> list:
     """Flatten the records of every spec, in dataset order then record order.
 
     data_fraction keeps a seeded random subset of each dataset's prompts (train split only;
-    evaluation always sees the whole test split)."""
+    evaluation always sees the whole test split). record_examples(prompt, record) replaces the
+    SFT / pair examples (sft_mode is then ignored), e.g. with CoH chains."""
     if isinstance(specs, str):
         specs = [specs]
     if not 0 < data_fraction <= 1:
@@ -142,9 +158,11 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
         if split == "train" and data_fraction < 1:
             prompts = _subsample(prompts, data_fraction, seed, spec)
         for prompt in prompts:
-            examples.extend(_record_examples(prompt, data[prompt], sft_mode))
+            examples.extend(record_examples(prompt, data[prompt]) if record_examples else
+                            _record_examples(prompt, data[prompt], sft_mode))
     if not examples:
-        mode = "SFT targets" if sft_mode else "preference pairs (SFT-only data in a pairwise loss?)"
+        mode = "examples" if record_examples else "SFT targets" if sft_mode else \
+            "preference pairs (SFT-only data in a pairwise loss?)"
         raise ValueError(f"datasets {list(specs)} split {split!r} gave no {mode}")
     return examples
 
@@ -229,7 +247,8 @@ class BatchIterator:
     The final partial batch is kept unless drop_last."""
 
     def __init__(self, examples: list[Example], tokenizer, *, batch_size: int, shuffle: bool, seed: int,
-                 max_length: int, max_prompt_length: int, drop_last: bool = False):
+                 max_length: int, max_prompt_length: int, drop_last: bool = False,
+                 tokenize: Callable | None = None):
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
         if batch_size < 1:
@@ -239,6 +258,7 @@ class BatchIterator:
         self.examples, self.tokenizer = examples, tokenizer
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.tokenize = tokenize or tokenize_example
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
@@ -264,7 +284,7 @@ class BatchIterator:
         order = self.epoch_order(epoch)
         for begin in range(start, self.examples_per_epoch, self.batch_size):
             chosen = [self.examples[i] for i in order[begin: begin + self.batch_size]]
-            items = [tokenize_example(ex, self.tokenizer, self.max_length, self.max_prompt_length)
+            items = [self.tokenize(ex, self.tokenizer, self.max_length, self.max_prompt_length)
                      for ex in chosen]
             yield collate(items, self.pad_token_id, chosen)
 

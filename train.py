@@ -34,8 +34,10 @@ def check_config(cfg: DictConfig, world_size: int = 1):
     if missing:
         raise ValueError(f"missing required config value(s): {', '.join(missing)} "
                          f"(set them on the command line, e.g. {missing[0]}=...)")
-    get_loss_spec(cfg.loss.name)
+    spec = get_loss_spec(cfg.loss.name)
     loss_kwargs(cfg.loss)
+    if spec.check is not None:
+        spec.check(cfg)
     if cfg.trainer.name not in TRAINERS:
         raise ValueError(f"unknown trainer={cfg.trainer.name!r}; choose one of {sorted(TRAINERS)}")
     if not isinstance(getattr(torch.optim, str(cfg.optimizer), None), type):

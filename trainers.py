@@ -1,4 +1,4 @@
-"""The offline training loop, shared by SFT and the DPO family.
+"""The offline training loop, shared by SFT, the DPO family and Chain of Hindsight.
 
 BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
 micro-batches -> log -> checkpoint when due. What differs between losses is one step function
@@ -25,7 +25,7 @@ from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logp
 from harness.packing import pack
 from harness.run_logging import NullLogger, RunLogger
 from harness.sharded_training import DistributedMixin
-from preference_datasets import BatchIterator, load_examples
+from preference_datasets import BatchIterator, ExampleFormat, load_examples
 
 
 @dataclass
@@ -102,20 +102,26 @@ class BasicTrainer:
     # ---- data -------------------------------------------------------------------------------
     def _load_data(self):
         cfg = self.cfg
+        # the loss's own example format (CoH chains), or the standard SFT / pair examples
+        fmt = self.spec.data(cfg, self.tokenizer) if self.spec.data else ExampleFormat()
+        self.example_format = fmt
         common = dict(sft_mode=not self.spec.paired, seed=cfg.seed, prefs_path=cfg.prefs_path,
-                      num_turns=cfg.num_turns, cache_dir=self.cache_dir)
+                      num_turns=cfg.num_turns, cache_dir=self.cache_dir,
+                      record_examples=fmt.record_examples)
         train = load_examples(list(cfg.datasets), "train", data_fraction=cfg.data_fraction, **common)
         test = load_examples(list(cfg.datasets), "test", **common)
         # a seeded subset of the test split, fixed for the whole run
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
         test = [test[i] for i in order[:cfg.n_eval_examples].tolist()]
-        tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                   tokenize=fmt.tokenize)
         self.train_batches = BatchIterator(train, self.tokenizer, batch_size=cfg.batch_size,
                                            shuffle=True, seed=cfg.seed, drop_last=cfg.drop_last,
                                            **tok)
         self.eval_batches = BatchIterator(test, self.tokenizer, batch_size=cfg.eval_batch_size,
                                           shuffle=False, seed=cfg.seed, **tok)
-        print(f"data: {len(train)} train / {len(test)} eval examples from {list(cfg.datasets)}")
+        print(f"data: {len(train)} train / {len(test)} eval examples from {list(cfg.datasets)}"
+              f"{fmt.describe(train)}")
 
     @property
     def cache_dir(self):

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from omegaconf import OmegaConf
@@ -137,10 +137,30 @@ class EvalConfig:
     n_prompts: int | None = None
     prompts_file: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # text appended to the prompts the policy samples from: "auto" = what its run config's loss
+    # asks for (CoH: the positive feedback phrase, others: nothing), "none", or the text itself
+    policy_prompt_suffix: str = "auto"
     base_model: str | None = None      # base model of a policy.pt without a run config
     reference_base_model: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+
+
+def policy_prompt_suffix(policy_path: str, option: str = "auto",
+                         base_model: str | None = None) -> str:
+    """The text the policy's prompts end with when it is sampled (see EvalConfig). A CoH model
+    is meant to be prompted with its positive phrase, so "auto" reads it from the run config."""
+    if option != "auto":
+        return "" if option == "none" else option
+    archive = resolve_checkpoint(policy_path, base_model).archive
+    if archive is None:  # a Hugging Face dir or hub id: no training config to read
+        return ""
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(archive))),
+                              "config.yaml")
+    if not os.path.exists(run_config):
+        return ""
+    from harness.objectives import sampling_prompt_suffix
+    return sampling_prompt_suffix(OmegaConf.load(run_config))
 
 
 def _check_same_tokenizer(tok_a, tok_b):
@@ -168,19 +188,24 @@ def evaluate(policy_path: str, reference_path: str | None = None, cfg: EvalConfi
                                          device=cfg.device)
     _check_same_tokenizer(tok, ref_tok)
     s = cfg.sampling
-    pi_samples = sample(policy, tok, prompts, s, desc="policy samples")
+    suffix = policy_prompt_suffix(policy_path, cfg.policy_prompt_suffix, cfg.base_model)
+    pi_samples = sample(policy, tok, [p + suffix for p in prompts], s, desc="policy samples")
     key = (str(resolve_checkpoint(reference_path, cfg.reference_base_model)), str(asdict(s)),
            hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
     ref_samples = _reference_samples(cache if cache is not None else {}, key, reference, ref_tok,
                                      prompts, s)
     pi_logps, _ = completion_logps(policy, tok, pi_samples, s.batch_size, desc="policy logps")
+    if suffix:  # the KL compares what was sampled, pi(y | x + suffix), with ref(y | x); the
+        # gold reward and the reference see the plain prompt
+        pi_samples = [replace(x, prompt=p, prompt_ids=tuple(tok(p, add_special_tokens=False)[
+            "input_ids"])) for x, p in zip(pi_samples, prompts)]
     ref_logps, _ = completion_logps(reference, tok, pi_samples, s.batch_size, desc="ref logps")
     pi_rewards = [gold_fn(x.prompt, x.completion) for x in pi_samples]
     ref_rewards = [gold_fn(x.prompt, x.completion) for x in ref_samples]
     lengths = [len(x.completion_ids) - x.finished for x in pi_samples]
     result = {"checkpoint": policy_path, "reference": reference_path, "gold_reward_name": cfg.gold,
               "prompts": cfg.prompts_file or f"{cfg.dataset}:{cfg.split}", "n_prompts": len(prompts),
-              "sampling": asdict(s)}
+              "sampling": asdict(s), "policy_prompt_suffix": suffix}
     for name, values in (("gold_reward", pi_rewards), ("reference_gold_reward", ref_rewards),
                          ("kl", sequence_kl(pi_logps, ref_logps)), ("length", lengths),
                          ("win_rate", win_scores(pi_rewards, ref_rewards))):
@@ -201,4 +226,6 @@ def format_line(result: dict) -> str:
     return (f"eval {r['checkpoint']}: gold {r['gold_reward']:.4f} +- {r['gold_reward_ci95']:.4f}"
             f" | KL {r['kl']:.3f} +- {r['kl_ci95']:.3f} nats | length {r['length']:.1f}"
             f" | win rate {r['win_rate']:.3f} (ties half) vs reference gold "
-            f"{r['reference_gold_reward']:.4f} | n={r['n_prompts']} seed={r['sampling']['seed']}")
+            f"{r['reference_gold_reward']:.4f} | n={r['n_prompts']} seed={r['sampling']['seed']}"
+            + (f" | policy prompts end with {r['policy_prompt_suffix']!r}"
+               if r.get("policy_prompt_suffix") else ""))

@@ -34,6 +34,16 @@ class LossSpec:
     samples: bool = True
     # checkpoint_files(trainer, tmp_dir): extra files written into every checkpoint dir
     checkpoint_files: Callable | None = None
+    # loss.* keys read by the step / data hooks rather than by `fn` (so typos still fail)
+    extra_options: tuple[str, ...] = ()
+    # data(cfg, tokenizer) -> ExampleFormat: how records become examples and tokens; None keeps
+    # the standard SFT targets / preference pairs (CoH builds hindsight chains instead)
+    data: Callable | None = None
+    # check(cfg) raises on bad loss options before any model loads (train.check_config)
+    check: Callable | None = None
+    # prompt_suffix(cfg) -> text appended to every prompt when sampling from a model trained
+    # with this loss (CoH: its positive feedback phrase); None: prompts are used as they are
+    prompt_suffix: Callable | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -53,15 +63,18 @@ def get_loss_spec(name: str) -> LossSpec:
 
 
 def loss_kwargs(loss_cfg) -> dict:
-    """The loss config minus its name, checked against the loss function's parameters."""
+    """The loss config minus its name and the spec's `extra_options`, checked by name against
+    the parameters of `spec.options` (a class that also checks values) or else of `spec.fn`."""
     spec = get_loss_spec(loss_cfg.name)
-    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
+    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items()
+              if k != "name" and k not in spec.extra_options}
     params = inspect.signature(spec.options or spec.fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = set(kwargs) - set(params)
         if unknown:
+            known = (set(params) | set(spec.extra_options)) - {"policy_chosen_logps"}
             raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
-                             f" (options: {sorted(set(params) - {'policy_chosen_logps'})})")
+                             f" (options: {sorted(known)})")
     if spec.options is not None:
         spec.options(**kwargs)  # raises, naming the option, on a bad value
     return kwargs
@@ -81,6 +94,12 @@ def needs_reference(loss_cfg) -> bool:
     """Whether this loss config reads reference log-probs (so a reference model must load)."""
     spec = get_loss_spec(loss_cfg.name)
     return spec.uses_reference and not loss_cfg.get("reference_free", False)
+
+
+def sampling_prompt_suffix(cfg) -> str:
+    """What to append to prompts when sampling from a model trained with run config `cfg`."""
+    spec = get_loss_spec(cfg.loss.name)
+    return spec.prompt_suffix(cfg) if spec.prompt_suffix else ""
 
 
 def sft_step(trainer, batch, split: str):
@@ -114,7 +133,8 @@ register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step
                               uses_reference=True))
 
 
-# Last, because these modules import LossSpec and register_loss from here: reward modelling and
-# PPO live in their own modules and register their specs on import.
+# Last, because these modules import LossSpec and register_loss from here: CoH, reward
+# modelling and PPO live in their own modules and register their specs on import.
+import harness.coh  # noqa: E402,F401
 import harness.reward_model  # noqa: E402,F401
 import harness.ppo  # noqa: E402,F401

@@ -49,37 +49,48 @@ class PackedBatch:
 
 
 def _split(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
-    """(prompt ids, response ids) of one padded sequence: labels are -100 on prompt and padding."""
+    """(prompt ids, response ids) of one padded pair sequence: labels are -100 on the prompt and
+    padding, and the response is one labelled run at the end."""
     real = mask.bool()
     scored = labels != -100
     return ids[real & ~scored].tolist(), ids[scored].tolist()
 
 
 def example_units(batch: dict, paired: bool, prefix_sharing: bool) -> list[list[tuple]]:
-    """Each unit is a list of (segment kind, token ids, output sequence index or None).
+    """Each unit is a list of segments (kind, token ids, scored flags, output sequence index).
 
+    A single sequence (SFT, CoH chains) is one segment scored where its labels are set, so
+    labelled spans may alternate with unlabelled ones (CoH's feedback phrases). A pair is
+    [prompt][chosen] + [prompt][rejected], or [prompt][chosen][rejected] when sharing the prompt.
     Output sequences are numbered as the padded path returns them: SFT i -> i; pairs i ->
     (chosen i, rejected B + i)."""
+    if batch["chosen_attention_mask"].dim() != 2:
+        raise ValueError("packing cannot be combined with a custom 4-D attention mask (CoH's "
+                         "forgetful causal masking): set packing=false or loss.fcm_max=0")
     n = batch["chosen_input_ids"].shape[0]
     units = []
     for i in range(n):
-        prompt, chosen = _split(*(batch[f"chosen_{k}"][i] for k in
-                                  ("input_ids", "attention_mask", "labels")))
+        ids, mask, labels = (batch[f"chosen_{k}"][i] for k in ("input_ids", "attention_mask",
+                                                               "labels"))
         if not paired:
-            units.append([(PROMPT, prompt, None), (CHOSEN, chosen, i)])
+            real = mask.bool()
+            units.append([(PROMPT, ids[real].tolist(), (labels[real] != -100).tolist(), i)])
             continue
+        prompt, chosen = _split(ids, mask, labels)
         _, rejected = _split(*(batch[f"rejected_{k}"][i] for k in
                                ("input_ids", "attention_mask", "labels")))
+        seg = lambda kind, toks, out: (kind, toks, [kind != PROMPT] * len(toks), out)  # noqa: E731
         if prefix_sharing:
-            units.append([(PROMPT, prompt, None), (CHOSEN, chosen, i), (REJECTED, rejected, n + i)])
+            units.append([seg(PROMPT, prompt, None), seg(CHOSEN, chosen, i),
+                          seg(REJECTED, rejected, n + i)])
         else:
-            units.append([(PROMPT, prompt, None), (CHOSEN, chosen, i)])
-            units.append([(PROMPT, prompt, None), (CHOSEN, rejected, n + i)])
+            units.append([seg(PROMPT, prompt, None), seg(CHOSEN, chosen, i)])
+            units.append([seg(PROMPT, prompt, None), seg(CHOSEN, rejected, n + i)])
     return units
 
 
 def _unit_len(unit) -> int:
-    return sum(len(ids) for _, ids, _ in unit)
+    return sum(len(ids) for _, ids, _, _ in unit)
 
 
 def pack(batch: dict, paired: bool, prefix_sharing: bool = False, row_tokens: int = 0,
@@ -109,24 +120,23 @@ def pack(batch: dict, paired: bool, prefix_sharing: bool = False, row_tokens: in
     for r, row in enumerate(rows):
         t = 0
         for u, unit in enumerate(row):
-            prompt_end = -1  # flat index of the last prompt token of this unit
-            prompt_len = 0
-            for kind, seq_ids, out in unit:
+            prompt_end, prompt_len = -1, 0  # flat index of the unit's last prompt token; length
+            for kind, seq_ids, scored, out in unit:
                 k = len(seq_ids)
                 ids[r, t:t + k] = torch.tensor(seq_ids, dtype=torch.long)
                 start_pos = 0 if kind == PROMPT else prompt_len
                 pos[r, t:t + k] = torch.arange(start_pos, start_pos + k)
                 unit_ix[r, t:t + k], seg[r, t:t + k] = u, kind
-                if kind == PROMPT:
-                    prompt_len, prompt_end = k, r * width + t + k - 1
-                else:
-                    for j in range(k):
-                        prev = prompt_end if j == 0 else r * width + t + j - 1
-                        if prev < 0:  # no prompt: the first token has nothing to predict it from
-                            continue
+                for j in range(k):
+                    # a response's first token is predicted by the last prompt token (rejected:
+                    # not by the chosen response just before it); the rest by the token before
+                    prev = (prompt_end if kind != PROMPT else -1) if j == 0 else r * width + t + j - 1
+                    if scored[j] and prev >= 0:  # a first token with nothing before is unscored
                         source.append(prev)
                         target.append(seq_ids[j])
                         sequence.append(out)
+                if kind == PROMPT:
+                    prompt_len, prompt_end = k, r * width + t + k - 1
                 t += k
     n_out = batch["chosen_input_ids"].shape[0] * (2 if paired else 1)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731

@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts-file", help="JSON list of prompts or JSONL with a 'prompt' key "
                    "(instead of --dataset)")
     p.add_argument("--n-prompts", type=int, help="use the first N prompts (default: all)")
+    p.add_argument("--policy-prompt-suffix", default="auto", metavar="auto|none|TEXT",
+                   help="text appended to the policy's prompts: auto (default) = what its run's "
+                   "loss asks for, e.g. a CoH model's positive phrase ' A helpful answer:'; none; "
+                   "or the text itself. Gold reward and reference use the plain prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -65,6 +69,7 @@ def main(argv=None) -> list[dict]:
                      sampling=SamplingConfig(max_new_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_p=args.top_p,
                                              batch_size=args.batch_size, seed=args.seed),
+                     policy_prompt_suffix=args.policy_prompt_suffix,
                      base_model=args.base_model, reference_base_model=args.reference_base_model,
                      device=args.device, dtype=args.dtype)
     cache, results = {}, []

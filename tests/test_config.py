@@ -31,7 +31,7 @@ def make(*overrides):
 
 
 def test_groups_have_the_promised_options():
-    assert set(options("loss")) == {"sft", "dpo", "ipo", "reward", "ppo"} == set(LOSSES)
+    assert set(options("loss")) == {"sft", "dpo", "ipo", "coh", "reward", "ppo"} == set(LOSSES)
     assert set(options("trainer")) == set(TRAINERS)
     assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
             "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
@@ -52,11 +52,15 @@ def test_every_model_composes(model):
     check_config(cfg)
 
 
-# one override per loss that sets its required value or flips a default
+# a non-default value for an option of each loss, so every file's keys are exercised
 LOSS_OVERRIDES = {"sft": ["loss.token_mean=true"], "dpo": ["loss.beta=0.1"],
                   "ipo": ["loss.beta=0.1"], "reward": ["loss.margin=0.5", "loss.center_coef=0.01"],
                   "ppo": ["loss.reward_model=RM_RUN", "loss.adaptive_kl=true",
-                          "loss.kl_estimator=k3", "loss.gold_reward=toy"]}
+                          "loss.kl_estimator=k3", "loss.gold_reward=toy"],
+                  "coh": ["loss.feedback_set=qa", "loss.chain_weights.comparison=1",
+                          "loss.chain_weights.positive=1", "loss.chain_weights.negative=1",
+                          "loss.fcm_max=0.15", "loss.pt_data=toy", "loss.pt_loss_weight=0.1",
+                          "loss.inference_phrase=' A correct answer:'"]}
 
 
 @pytest.mark.parametrize("loss", options("loss"))

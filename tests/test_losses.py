@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import dpo_loss, ipo_loss, sft_loss
+from losses import coh_loss, dpo_loss, ipo_loss, masked_nll, sft_loss
 
 
 def t(*xs):
@@ -57,3 +57,39 @@ def test_sft_sequence_and_token_mean():
     assert sft_loss(logps, n).tolist() == [6.0, 2.0]
     # token mean: total NLL 8 over 4 tokens = 2 per token
     assert sft_loss(logps, n, token_mean=True).mean().item() == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------- Chain of Hindsight
+def test_masked_nll_averages_over_trained_tokens_only():
+    # log p = ln(1/2), ln(1/4), ln(1/8) on trained tokens; the last column is padding
+    logps = t(math.log(0.5), math.log(0.25), -99.0), t(math.log(0.125), -7.0, -99.0)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # (ln 2 + ln 4 + ln 8) / 3 = 6 ln 2 / 3 = 2 ln 2 (dividing by all 6 tokens would give ln 2)
+    assert masked_nll(torch.stack(logps), mask).item() == pytest.approx(2 * math.log(2))
+
+
+def test_coh_loss_hand_computed():
+    chain_logps, n = t(-3.0, -1.0), torch.tensor([2, 2])
+    loss, chain, pt = coh_loss(chain_logps, n)
+    assert loss.item() == chain.item() == pytest.approx(1.0) and pt is None   # 4 / 4 tokens
+    loss, chain, pt = coh_loss(chain_logps, n, t(-6.0), torch.tensor([3]), pt_loss_weight=0.5)
+    assert pt.item() == pytest.approx(2.0) and loss.item() == pytest.approx(1.0 + 0.5 * 2.0)
+    loss0, _, _ = coh_loss(chain_logps, n, t(-6.0), torch.tensor([3]), pt_loss_weight=0.0)
+    assert loss0.item() == pytest.approx(1.0)
+
+
+def test_coh_loss_equals_masked_nll_of_the_tiny_model():
+    """Chunked summed log-probs of a chain batch -> coh_loss == masked NLL from full logits."""
+    from harness.modeling import load_model, sequence_logps
+    model = load_model("assets/tiny_model", "float32").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 1]])
+    attn = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100, 10], [-100, 12, 13, -100, -100, -100]])
+    with torch.no_grad():
+        logps, n = sequence_logps(model, ids, attn, labels, chunk_size=2)
+        token_logps = model(input_ids=ids, attention_mask=attn).logits.log_softmax(-1)[:, :-1] \
+            .gather(-1, ids[:, 1:, None])[..., 0]
+    loss, _, _ = coh_loss(logps, n)
+    expected = masked_nll(token_logps, labels[:, 1:] != -100)
+    assert n.tolist() == [3, 2]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -196,3 +196,21 @@ def test_amp_run_end_to_end(tmp_path):
     assert len(evals) == 2 and all(0 < v < 100 for v in evals)
     state = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
     assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32
+
+
+def test_coh_chains_pack_exactly_and_fcm_refuses_packing(tmp_path):
+    """CoH chains alternate trained answers with untrained feedback phrases: packed, their
+    metrics equal the padded run's; FCM's own 4-D mask cannot be packed, and says so."""
+    from tests.test_train import run
+    from harness.run_logging import read_metrics
+    common = ["loss=coh", "n_examples=32", "eval_every=16", "minimum_log_interval_secs=0"]
+    rows = {name: read_metrics(run(tmp_path / name, *common, *extra) / "metrics.jsonl")
+            for name, extra in {"plain": [], "packed": ["packing=true"]}.items()}
+    keys = [k for k in rows["plain"][-1] if k.startswith(("loss/", "logps_"))]
+    assert keys and len(rows["plain"]) == len(rows["packed"])
+    for plain, packed in zip(rows["plain"], rows["packed"]):
+        for key in keys:
+            if key in plain:
+                assert packed[key] == pytest.approx(plain[key], abs=2e-4, rel=1e-4), key
+    with pytest.raises(ValueError, match="loss.fcm_max=0"):
+        run(tmp_path / "fcm", *common, "packing=true", "loss.fcm_max=0.15")

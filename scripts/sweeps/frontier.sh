@@ -60,6 +60,8 @@ METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
   "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
   "cdpo|loss=dpo loss.label_smoothing=0.2 loss.beta=$BETAS_DPO $PREF_ARGS"
+  # Chain of Hindsight; evaluate.py samples it with its positive phrase (read from its run config)
+  "coh|loss=coh $PREF_ARGS"
   "ppo|+preset=ppo_toy loss.reward_model=$RM $PPO_ARGS"
 )
 

@@ -1,0 +1,351 @@
+"""Chain of Hindsight (Liu, Sferrazza, Abbeel 2023, arXiv 2302.02676) as `loss=coh`.
+
+Every canonical preference record becomes plain language-model data, a hindsight chain
+
+    <prompt> A helpful answer: <better><EOS> An unhelpful answer: <worse><EOS>
+
+trained with next-token loss on the answers and their EOS only: the prompt (with any earlier
+dialogue turns), the feedback phrases and padding are labelled -100, so a shared history is
+never trained as both helpful and unhelpful. At inference the prompt ends in the positive phrase.
+
+Chain orders (`loss.chain_weights`, sampled per example with the run's seed): positive,
+negative, positive_negative, negative_positive, and comparison (a set's two-answer template).
+A record without a pair (SFT-only data) becomes a positive-only chain on its SFT target, and
+`loss.sft_mode=true` ("chain length one") makes every record one. Feedback phrases come in sets
+(`loss.feedback_sets`, chosen by `loss.feedback_set`); a set holds paired positive / negative
+templates such as " A helpful answer:{answer}", the text before the slot being the phrase.
+
+The training step adds forgetful causal masking (harness/fcm.py) and a pretraining stream
+(harness/pretraining_mix.py) when configured.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import string
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+import losses
+from harness.fcm import fcm_attention_mask, past_drop_fraction
+from harness.objectives import LossSpec, register_loss
+from harness.pretraining_mix import PretrainStream, _looks_like_path, read_documents
+from preference_datasets import _TRUNCATE, TRUNCATION_MODES, ExampleFormat, _token_ids
+
+# which answer goes under which phrase of a (positive, negative) wording pair, in chain order
+ORDER_BLOCKS = {
+    "positive": (("positive", "better"),),
+    "negative": (("negative", "worse"),),
+    "positive_negative": (("positive", "better"), ("negative", "worse")),
+    "negative_positive": (("negative", "worse"), ("positive", "better")),
+}
+CHAIN_ORDERS = (*ORDER_BLOCKS, "comparison")
+NO_PAIR, SFT_TARGET = "positive (no pair)", "positive (sft_mode)"
+# loss.* keys this module reads (pt_loss_weight goes to losses.coh_loss itself)
+OPTIONS = ("chain_weights", "feedback_set", "feedback_sets", "feedback_sets_file",
+           "inference_phrase", "sft_mode", "fcm_min", "fcm_max", "pt_data", "pt_text_field",
+           "pt_split", "pt_hub_config", "pt_max_documents", "pt_max_length")
+
+Blocks = tuple[tuple[str, str], ...]  # ((feedback phrase, slot or answer text), ...)
+
+
+# ------------------------------------------------------------------ feedback phrase sets
+def parse_template(text, slots: tuple[str, ...], where: str) -> Blocks:
+    """A template -> ((phrase, slot), ...): the literal text before each slot is its phrase.
+    Each slot must occur once and the template must end with one (EOS follows an answer)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where} must be a template string, got {text!r}")
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as err:
+        raise ValueError(f"{where} = {text!r} is not a valid template ({err})") from None
+    blocks, trailing = [], ""
+    for literal, field, _, _ in parts:
+        if field is None:
+            trailing = literal
+        elif field not in slots or field in {slot for _, slot in blocks}:
+            raise ValueError(f"{where} = {text!r}: slot {{{field}}} is unknown or repeated; "
+                             f"use each of {', '.join('{' + s + '}' for s in slots)} once")
+        else:
+            blocks.append((literal, field))
+    missing = [s for s in slots if s not in {slot for _, slot in blocks}]
+    if missing:
+        raise ValueError(f"{where} = {text!r} has no answer slot {{{missing[0]}}}; write e.g. "
+                         f"' A helpful answer:{{{missing[0]}}}'")
+    if trailing:
+        raise ValueError(f"{where} = {text!r} has text after its last slot; end the template "
+                         "with the answer slot (the answer's EOS follows it)")
+    return tuple(blocks)
+
+
+def feedback_sets(loss_cfg) -> dict:
+    """loss.feedback_sets, plus the sets of the YAML file loss.feedback_sets_file (which win)."""
+    sets = OmegaConf.to_container(loss_cfg.feedback_sets, resolve=True) or {}
+    path = loss_cfg.get("feedback_sets_file")
+    if path:
+        try:
+            extra = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except (OSError, ValueError, yaml.YAMLError) as err:  # missing file, YAML syntax error
+            raise ValueError(f"loss.feedback_sets_file={path!r}: {err}") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"loss.feedback_sets_file={path!r} must map set names to sets")
+        sets.update(extra)
+    return sets
+
+
+def parse_phrase_set(name: str, spec) -> tuple[tuple[dict, ...], tuple[Blocks, ...]]:
+    """(wording pairs {positive, negative: Blocks}, comparison templates) of one set."""
+    where = f"loss.feedback_sets.{name}"
+    if not isinstance(spec, dict) or not spec.get("pairs"):
+        raise ValueError(f"{where} needs a non-empty 'pairs' list of {{positive, negative}} "
+                         "templates (optional: 'comparison' templates with {better} and {worse})")
+    pairs = []
+    for i, pair in enumerate(spec["pairs"]):
+        if not isinstance(pair, dict) or set(pair) != {"positive", "negative"}:
+            raise ValueError(f"{where}.pairs[{i}] must have exactly the keys positive, negative")
+        pairs.append({k: parse_template(pair[k], ("answer",), f"{where}.pairs[{i}].{k}")
+                      for k in ("positive", "negative")})
+    comparisons = tuple(parse_template(t, ("better", "worse"), f"{where}.comparison[{i}]")
+                        for i, t in enumerate(spec.get("comparison") or ()))
+    return tuple(pairs), comparisons
+
+
+# ------------------------------------------------------------------ settings (checked early)
+@dataclass(frozen=True)
+class CohSettings:
+    orders: tuple[str, ...]       # chain orders with a positive weight
+    probs: tuple[float, ...]      # their sampling probabilities
+    pairs: tuple[dict, ...]       # wording pairs of the chosen set
+    comparisons: tuple[Blocks, ...]
+    inference_phrase: str
+    sft_mode: bool
+    fcm_min: float
+    fcm_max: float
+    seed: int
+
+
+def _chain_weights(loss_cfg) -> dict:
+    weights = OmegaConf.to_container(loss_cfg.chain_weights, resolve=True) or {}
+    for order, w in weights.items():
+        if order not in CHAIN_ORDERS:
+            raise ValueError(f"loss.chain_weights.{order}: unknown chain order; use {CHAIN_ORDERS}")
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"loss.chain_weights.{order}={w!r} must be a number >= 0")
+    if not loss_cfg.sft_mode and not sum(weights.values()) > 0:
+        raise ValueError("loss.chain_weights are all 0; give some chain order a weight "
+                         "(or use loss.sft_mode=true)")
+    return {k: float(w) for k, w in weights.items() if w > 0}
+
+
+def coh_settings(cfg) -> CohSettings:
+    """Parse and check the CoH options of cfg.loss; every error names its key."""
+    loss = cfg.loss
+    sets = feedback_sets(loss)
+    if loss.feedback_set not in sets:
+        raise ValueError(f"loss.feedback_set={loss.feedback_set!r} is not a feedback phrase set; "
+                         f"choose one of {sorted(sets)} or add one under loss.feedback_sets "
+                         "(or in loss.feedback_sets_file)")
+    pairs, comparisons = parse_phrase_set(loss.feedback_set, sets[loss.feedback_set])
+    weights = _chain_weights(loss)
+    if "comparison" in weights and not comparisons:
+        raise ValueError(f"loss.chain_weights.comparison > 0 but feedback set "
+                         f"{loss.feedback_set!r} has no 'comparison' templates")
+    if not 0.0 <= loss.fcm_min <= loss.fcm_max < 1.0:
+        raise ValueError(f"need 0 <= loss.fcm_min ({loss.fcm_min}) <= loss.fcm_max "
+                         f"({loss.fcm_max}) < 1")
+    if loss.pt_loss_weight < 0:
+        raise ValueError(f"loss.pt_loss_weight={loss.pt_loss_weight} must be >= 0")
+    if loss.pt_loss_weight > 0 and not loss.pt_data:
+        raise ValueError("loss.pt_loss_weight > 0 needs a pretraining corpus: set loss.pt_data "
+                         "(a text file, a hub dataset id, or 'toy')")
+    if loss.pt_data and _looks_like_path(loss.pt_data) and not _exists(loss.pt_data):
+        raise FileNotFoundError(f"loss.pt_data={loss.pt_data!r}: no such file")
+    total = sum(weights.values())
+    phrase = loss.inference_phrase
+    if phrase is None:  # the set's first positive wording, as the paper prompts at inference
+        phrase = pairs[0]["positive"][0][0]
+    return CohSettings(tuple(weights), tuple(w / total for w in weights.values()), pairs,
+                       comparisons, phrase, bool(loss.sft_mode), float(loss.fcm_min),
+                       float(loss.fcm_max), int(cfg.seed))
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
+
+
+# ------------------------------------------------------------------ chains
+@dataclass(frozen=True)
+class Chain:
+    """One hindsight chain: the prompt (context), then (feedback phrase, answer) blocks."""
+    prompt: str
+    blocks: tuple[tuple[str, str], ...]
+    truncation_mode: str
+    order: str
+    inference_phrase: str
+    uid: str
+
+    @property
+    def chosen(self) -> str:
+        """The chain after the prompt (collate keeps it as chosen_response_only)."""
+        return "".join(phrase + answer for phrase, answer in self.blocks)
+
+
+def build_chain(prompt: str, better: str, worse: str | None, truncation_mode: str,
+                settings: CohSettings, label: str = NO_PAIR) -> Chain:
+    """A chain for one pair (or one positive-only answer when worse is None). Order and wording
+    are drawn from a generator seeded by (run seed, example content): reproducible, and
+    independent of data order and of which other examples are loaded."""
+    key = hashlib.sha256(json.dumps([prompt, better, worse]).encode("utf-8")).digest()
+    rng = np.random.default_rng([settings.seed, int.from_bytes(key[:8], "big")])
+    order = label if worse is None else settings.orders[rng.choice(len(settings.orders),
+                                                                    p=settings.probs)]
+    answers = {"better": better, "worse": worse}
+    if order == "comparison":
+        template = settings.comparisons[rng.integers(len(settings.comparisons))]
+        blocks = tuple((phrase, answers[slot]) for phrase, slot in template)
+    else:
+        wording = settings.pairs[rng.integers(len(settings.pairs))]
+        layout = ORDER_BLOCKS.get(order, ORDER_BLOCKS["positive"])
+        blocks = tuple((wording[polarity][0][0], answers[which]) for polarity, which in layout)
+    uid = hashlib.sha256(json.dumps([prompt, blocks]).encode("utf-8")).hexdigest()[:16]
+    return Chain(prompt, blocks, truncation_mode, order, settings.inference_phrase, uid)
+
+
+def record_chains(prompt: str, record: dict, settings: CohSettings) -> list[Chain]:
+    """The chains of one canonical record: one per preference pair; a record without pairs
+    (or every record in sft_mode) gives one positive-only chain on its SFT target."""
+    mode = record["truncation_mode"]
+    if settings.sft_mode or not record["pairs"]:
+        if record["sft_target"] is None:
+            return []
+        return [build_chain(prompt, record["sft_target"], None, mode, settings,
+                            SFT_TARGET if settings.sft_mode else NO_PAIR)]
+    responses = record["responses"]
+    return [build_chain(prompt, responses[w], responses[l], mode, settings)
+            for w, l in record["pairs"]]
+
+
+# ------------------------------------------------------------------ tokenisation
+def fit_blocks(blocks: list[tuple[list, list]], budget: int, uid: str) -> list[tuple[list, list]]:
+    """Shorten answers so phrases + answers fit `budget` tokens. A phrase is never separated from
+    its answer: each kept block keeps its phrase whole and at least one answer token; blocks that
+    cannot are dropped whole from the end. Answers are cut from their ends, longest first."""
+    blocks = list(blocks)
+    while blocks and sum(len(p) + 1 for p, _ in blocks) > budget:
+        blocks.pop()
+    if not blocks:
+        raise ValueError(f"example {uid}: not even one feedback phrase and answer token fit in "
+                         f"{budget} tokens after the prompt; raise max_length")
+    room = budget - sum(len(p) for p, _ in blocks)
+    lengths = [len(a) for _, a in blocks]
+    if sum(lengths) > room:
+        lo, hi = 1, max(lengths)  # the largest cap c with sum(min(len, c)) <= room
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(min(n, mid) for n in lengths) <= room else (lo, mid - 1)
+        cut = [min(n, lo) for n in lengths]
+        spare = room - sum(cut)
+        for i, n in enumerate(lengths):  # hand the remainder to the earliest cut answers
+            extra = min(spare, n - cut[i])
+            cut[i], spare = cut[i] + extra, spare - extra
+        lengths = cut
+    return [(p, a[:n]) for (p, a), n in zip(blocks, lengths)]
+
+
+def tokenize_chain(chain: Chain, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """Token ids and labels of a chain (same keys as tokenize_example; collate pads them).
+
+    Labels carry the ids of answer tokens and each answer's EOS, -100 on the prompt and the
+    feedback phrases. Truncation is prompt first: a chain over max_length has its prompt cut to
+    max_prompt_length (keep_start / keep_end), then its answers (fit_blocks).
+    prompt_input_ids is the prompt followed by the inference phrase: what sampling continues."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    if chain.truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"unknown truncation mode {chain.truncation_mode!r}")
+    eos, uid, cut = tokenizer.eos_token_id, chain.uid, _TRUNCATE[chain.truncation_mode]
+    full_prompt = _token_ids(tokenizer, chain.prompt, "prompt", uid)
+    blocks = [(_token_ids(tokenizer, phrase, "feedback phrase", uid) if phrase else [],
+               _token_ids(tokenizer, answer, "answer", uid) + [eos])
+              for phrase, answer in chain.blocks]
+    prompt = full_prompt
+    if len(prompt) + sum(len(p) + len(a) for p, a in blocks) > max_length:
+        prompt = cut(prompt, max_prompt_length)
+    ids, labels = list(prompt), [-100] * len(prompt)
+    for phrase, answer in fit_blocks(blocks, max_length - len(prompt), uid):
+        ids += phrase + answer
+        labels += [-100] * len(phrase) + answer
+    phrase = _token_ids(tokenizer, chain.inference_phrase, "inference phrase", uid)
+    if len(phrase) >= max_prompt_length:
+        raise ValueError(f"loss.inference_phrase ({len(phrase)} tokens) does not fit in "
+                         f"max_prompt_length={max_prompt_length}")
+    context = full_prompt if len(full_prompt) + len(phrase) <= max_prompt_length else \
+        cut(full_prompt, max_prompt_length - len(phrase))
+    return {"prompt_input_ids": context + phrase, "prompt_length": len(prompt),
+            "chosen_input_ids": ids, "chosen_labels": labels}
+
+
+# ------------------------------------------------------------------ the loss-table entry
+@dataclass(frozen=True)
+class CohData(ExampleFormat):
+    """CoH's example format plus what its step needs: settings and the pretraining stream."""
+    settings: CohSettings | None = None
+    pt_stream: PretrainStream | None = None
+
+    def describe(self, examples: list) -> str:
+        counts = Counter(ex.order for ex in examples)
+        return "; CoH chains: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+
+
+def coh_data(cfg, tokenizer) -> CohData:
+    settings = coh_settings(cfg)
+    stream = None
+    loss = cfg.loss
+    if loss.pt_data:
+        docs = read_documents(loss.pt_data, seed=cfg.seed, text_field=loss.pt_text_field,
+                              split=loss.pt_split, hub_config=loss.pt_hub_config,
+                              max_documents=loss.pt_max_documents)
+        stream = PretrainStream(docs, tokenizer, loss.pt_max_length or cfg.max_length, cfg.seed)
+        print(f"pretraining mix: {len(docs)} documents ({len(stream.rows)} windows) from "
+              f"{loss.pt_data}, weight {loss.pt_loss_weight}")
+    return CohData(functools.partial(record_chains, settings=settings), tokenize_chain,
+                   settings, stream)
+
+
+def coh_step(trainer, batch, split: str):
+    """Masked NLL of the chains (FCM in training), plus the weighted pretraining NLL."""
+    data, size = trainer.example_format, len(batch["uid"])
+    metrics = {}
+    if split == "train" and data.settings.fcm_max > 0:
+        mask = batch["chosen_attention_mask"].to(trainer.device)
+        dtype = next(trainer.policy.parameters()).dtype
+        mask4d = fcm_attention_mask(mask, data.settings.fcm_min, data.settings.fcm_max, dtype)
+        batch = {**batch, "chosen_attention_mask": mask4d}
+        metrics["fcm/drop_rate"] = past_drop_fraction(mask4d, mask)
+    logps, n = trainer.forward(trainer.policy, batch)
+    pt_logps = pt_n = None
+    if split == "train" and data.pt_stream is not None:
+        weight = trainer.loss_kwargs.get("pt_loss_weight", 0.0)
+        pt_batch = data.pt_stream.next_batch(trainer.state.steps,
+                                             trainer.cfg.gradient_accumulation_steps, size)
+        # weight 0 monitors the pretraining loss without touching the gradients
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+            pt_logps, pt_n = trainer.forward(trainer.policy, pt_batch)
+    loss, chain_nll, pt_nll = trainer.spec.fn(logps, n, pt_logps, pt_n, **trainer.loss_kwargs)
+    metrics.update({f"loss/{split}": loss.detach().expand(size),
+                    f"loss/chain_{split}": chain_nll.detach().expand(size),
+                    f"logps_{split}/chosen": logps.detach()})
+    if pt_nll is not None:
+        metrics[f"loss/pt_{split}"] = pt_nll.detach().expand(size)
+    return loss, metrics
+
+
+register_loss("coh", LossSpec(
+    losses.coh_loss, paired=False, step=coh_step, extra_options=OPTIONS, data=coh_data,
+    check=coh_settings, prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))
