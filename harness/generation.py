@@ -1,0 +1,279 @@
+"""Inference on any causal LM checkpoint: load it, sample completions, score completions.
+
+    model, tok = load_checkpoint("RUN/LATEST/policy.pt")       # base model read from RUN/config.yaml
+    model, tok = load_checkpoint("RUN/LATEST/policy.pt", base_model="assets/tiny_model")
+    model, tok = load_checkpoint("/models/my-hf-dir")           # a Hugging Face model dir (or hub id)
+    samples = sample(model, tok, prompts, SamplingConfig(seed=0, max_new_tokens=64))
+    logps, n_tokens = completion_logps(model, tok, samples)     # summed log-probs, [n] each
+    per_token = completion_token_logps(model, tok, samples)     # list of [n_tokens_i] tensors
+    samples = encode_completions(tok, prompts, completions)     # score given text instead
+
+A checkpoint is a reference-format `policy.pt` ({"step_idx", "state", "metrics"}) whose `state`
+is loaded into the base model named by a model dir, a checkpoint dir holding one, a run dir
+(its LATEST), or a Hugging Face model dir. Prompts are encoded as in training (no BOS, no
+truncation); a completion is the generated tokens up to and including the first EOS, which is
+exactly what training scores (responses end with EOS), so log-probs of samples and of training
+responses mean the same thing.
+
+Sampling is seeded per batch (seed + batch index) inside a forked RNG, so it never disturbs the
+caller's random state and repeats exactly for the same (seed, batch_size, prompts). Sampling
+uses the model's raw distribution (no top-k, no repetition penalty from a generation_config):
+with temperature=1 and top_p=1 the samples are draws from the policy itself.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from harness.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
+                              load_tokenizer, resolve_path, sequence_logps)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where a checkpoint's pieces live: the model dir (architecture and, without an archive,
+    the weights), an optional policy.pt whose `state` replaces the weights, and the tokenizer."""
+    model: str
+    archive: str | None
+    tokenizer: str
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0   # 0 = greedy decoding
+    top_p: float = 1.0
+    batch_size: int = 16       # prompts per generate() call; samples depend on it (shared RNG)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    completion: str                  # decoded completion, EOS and special tokens removed
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]  # the scored tokens: through the first EOS when finished
+    finished: bool                   # ended with EOS (False: cut at max_new_tokens)
+
+
+def _run_config_model(run_dir: str) -> tuple[str | None, str | None]:
+    """(model.name_or_path, model.tokenizer_name_or_path) from a run dir's config.yaml, if any."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None, None
+    cfg = OmegaConf.load(path)
+    return (OmegaConf.select(cfg, "model.name_or_path"),
+            OmegaConf.select(cfg, "model.tokenizer_name_or_path"))
+
+
+def resolve_checkpoint(path: str, base_model: str | None = None,
+                       tokenizer: str | None = None) -> CheckpointRef:
+    """Find the model dir, archive and tokenizer of `path`.
+
+    `path` may be a policy.pt, a checkpoint dir (step-N/, LATEST/) holding one, a run dir (its
+    LATEST/policy.pt is used), a Hugging Face model dir, or a hub id. For a policy.pt the base
+    model is `base_model` if given, else model.name_or_path of the run's config.yaml (the
+    checkpoint dir's parent)."""
+    archive = None
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, "policy.pt"),
+                          os.path.join(path, "LATEST", "policy.pt")):
+            if os.path.isfile(candidate):
+                archive = candidate
+                break
+        if archive is None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"checkpoint {path!r} holds neither policy.pt, LATEST/policy.pt "
+                                    "nor a Hugging Face config.json")
+    elif os.path.isfile(path):
+        archive = path
+    elif path.endswith(".pt"):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if archive is None:  # a Hugging Face model dir or hub id
+        return CheckpointRef(path, None, tokenizer or path)
+    run_model, run_tokenizer = _run_config_model(os.path.dirname(os.path.dirname(
+        os.path.abspath(archive))))
+    model = base_model or run_model
+    if model is None:
+        raise ValueError(f"checkpoint {archive!r} is a policy.pt without a run config.yaml next to "
+                         "its checkpoint dir: name its base model (e.g. --base-model "
+                         "assets/tiny_model)")
+    return CheckpointRef(resolve_path(model), archive,
+                         resolve_path(tokenizer or (None if base_model else run_tokenizer) or model))
+
+
+def check_tokenizer_fits(model, tokenizer, where: str = "model"):
+    """A tokenizer with ids beyond the model's embedding table belongs to another model."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model embeds "
+                         f"only {n_embed}; they do not belong together (pass the model's own "
+                         "tokenizer)")
+
+
+def load_checkpoint(path: str, base_model: str | None = None, tokenizer: str | None = None,
+                    dtype: str = "float32", device: str | torch.device = "cpu"):
+    """(model in eval mode on `device`, tokenizer) for any checkpoint `resolve_checkpoint` takes."""
+    ref = resolve_checkpoint(path, base_model, tokenizer)
+    model = load_model(ref.model, dtype)
+    if ref.archive:
+        try:
+            load_archive(model, ref.archive)
+        except RuntimeError as e:  # size mismatches: load_state_dict raises even when not strict
+            raise ValueError(f"checkpoint {ref.archive!r} does not fit the base model "
+                             f"{ref.model!r}: {str(e).splitlines()[-1].strip()} (name the "
+                             "model it was trained from)") from e
+    tok = load_tokenizer(ref.tokenizer)
+    check_tokenizer_fits(model, tok, f"checkpoint {path!r} with tokenizer {ref.tokenizer!r}")
+    return model.to(device).eval(), tok
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a completion (the tokenizer's EOS and the model's own)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an EOS token")
+    return ids
+
+
+def _left_pad(seqs, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _check_sampling(prompts, cfg: SamplingConfig):
+    if not prompts:
+        raise ValueError("no prompts to sample from: the prompt set is empty")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature="
+                         f"{cfg.temperature}, top_p={cfg.top_p}")
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
+        raise ValueError(f"need max_new_tokens >= 1 and batch_size >= 1, got "
+                         f"{cfg.max_new_tokens} and {cfg.batch_size}")
+
+
+def _trim(generated: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(generated):
+        if t in stop:
+            return generated[:i + 1], True
+    return generated, False
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(),
+           progress: bool = True, desc: str = "sampling") -> list[Sample]:
+    """One completion per prompt, in prompt order, batched with left padding."""
+    from transformers import GenerationConfig
+    _check_sampling(prompts, cfg)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = eos_ids(model, tokenizer)
+    greedy = cfg.temperature == 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
+        eos_token_id=sorted(stop), **({} if greedy else dict(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)))
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    out = []
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(prompts), cfg.batch_size)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for index, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+            batch = encoded[start:start + cfg.batch_size]
+            ids, mask = _left_pad(batch, pad, device)
+            torch.manual_seed(cfg.seed + index)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            for row, prompt_ids in enumerate(batch):
+                completion, finished = _trim(gen[row, ids.shape[1]:].tolist(), stop)
+                text = tokenizer.decode([t for t in completion if t not in stop],
+                                        skip_special_tokens=True)
+                out.append(Sample(prompts[start + row], text, tuple(prompt_ids),
+                                  tuple(completion), finished))
+    model.train(was_training)
+    return out
+
+
+def encode_completions(tokenizer, prompts: list[str], completions: list[str],
+                       append_eos: bool = True) -> list[Sample]:
+    """Samples for given (prompt, completion) text, encoded as training does (EOS appended)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    return [Sample(p, c, tuple(tokenizer(p, add_special_tokens=False)["input_ids"]),
+                   tuple(tokenizer(c, add_special_tokens=False)["input_ids"] + eos), append_eos)
+            for p, c in zip(prompts, completions)]
+
+
+def _scoring_batches(samples: list[Sample], pad: int, batch_size: int, device):
+    """Right-padded (input_ids, attention_mask, labels) with labels only on completion tokens."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(chunk):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            ids[row, :p + c] = torch.tensor(s.prompt_ids + s.completion_ids)
+            labels[row, p:p + c] = torch.tensor(s.completion_ids, dtype=torch.long)
+            mask[row, :p + c] = 1
+        yield ids.to(device), mask.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, samples: list[Sample], batch_size: int = 16,
+                     chunk_size: int = 4096, progress: bool = False, desc: str = "scoring"):
+    """Summed log-probs of each sample's completion tokens given its prompt, and their counts.
+
+    Returns (logps [n] float32, n_tokens [n]) on the CPU, via harness.modeling.sequence_logps."""
+    if not samples:
+        raise ValueError("no samples to score")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logps, counts = [], []
+    batches = _scoring_batches(samples, pad, batch_size, device)
+    for ids, mask, labels in tqdm(batches, total=-(-len(samples) // batch_size), desc=desc,
+                                  disable=not progress, leave=False):
+        lp, n = sequence_logps(model, ids, mask, labels, chunk_size)
+        logps.append(lp.cpu())
+        counts.append(n.cpu())
+    return torch.cat(logps), torch.cat(counts)
+
+
+@torch.no_grad()
+def completion_token_logps(model, tokenizer, samples: list[Sample], batch_size: int = 16,
+                           chunk_size: int = 4096) -> list[torch.Tensor]:
+    """Per-token log-probs of each completion: a list of [len(completion_ids)] float32 tensors
+    (their sums equal `completion_logps`). The output head runs on completion rows only, in
+    chunks, as in sequence_logps."""
+    if not samples:
+        raise ValueError("no samples to score")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for ids, mask, labels in _scoring_batches(samples, pad, batch_size, device):
+        targets = labels[:, 1:]
+        keep = targets != -100
+        if _uses_plain_head(model):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows, head = hidden[:, :-1][keep], model.get_output_embeddings()
+            row_logps = torch.cat([_chunk_logps(rows[i:i + chunk_size], head.weight, head.bias,
+                                                targets[keep][i:i + chunk_size])
+                                   for i in range(0, max(rows.shape[0], 1), chunk_size)])
+        else:  # softcapped / scaled heads: their own forward gives the true logits
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            row_logps = logits.log_softmax(-1)[keep].gather(-1, targets[keep][:, None])[:, 0]
+        out.extend(row_logps.cpu().split(keep.sum(-1).tolist()))
+    return list(out)

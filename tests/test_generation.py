@@ -1,0 +1,114 @@
+"""Inference helpers on the bundled tiny model: checkpoint resolution, seeded sampling, scoring."""
+
+import json
+
+import pytest
+import torch
+
+from harness.generation import (SamplingConfig, completion_logps, completion_token_logps,
+                                encode_completions, load_checkpoint, resolve_checkpoint, sample)
+from harness.modeling import REPO_ROOT
+from harness.toy_task import toy_records
+
+TINY = str(REPO_ROOT / "assets" / "tiny_model")
+PROMPTS = list(toy_records("test", n_prompts=6))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_checkpoint(TINY)
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(seed=3, batch_size=4, max_new_tokens=24)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sample(model, tok, PROMPTS, cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert a == sample(model, tok, PROMPTS, cfg, progress=False)
+    assert a != sample(model, tok, PROMPTS, SamplingConfig(seed=4, batch_size=4, max_new_tokens=24),
+                       progress=False)
+    for s in a:
+        assert s.finished == (s.completion_ids[-1] == tok.eos_token_id)
+        assert tok.eos_token_id not in s.completion_ids[:-1]
+        assert len(s.completion_ids) <= 24 and s.prompt in PROMPTS
+
+
+def test_left_padding_does_not_change_greedy_completions(tiny):
+    model, tok = tiny
+    greedy = SamplingConfig(temperature=0, max_new_tokens=16)
+    batched = sample(model, tok, PROMPTS, SamplingConfig(**{**greedy.__dict__, "batch_size": 6}),
+                     progress=False)
+    alone = sample(model, tok, PROMPTS, SamplingConfig(**{**greedy.__dict__, "batch_size": 1}),
+                   progress=False)
+    assert [s.completion_ids for s in batched] == [s.completion_ids for s in alone]
+
+
+def test_token_logps_sum_to_sequence_logps(tiny):
+    model, tok = tiny
+    samples = sample(model, tok, PROMPTS, SamplingConfig(seed=0, batch_size=3), progress=False)
+    logps, n = completion_logps(model, tok, samples, batch_size=4)
+    per_token = completion_token_logps(model, tok, samples, batch_size=5, chunk_size=7)
+    assert n.tolist() == [len(s.completion_ids) for s in samples]
+    assert [len(t) for t in per_token] == n.tolist()
+    torch.testing.assert_close(torch.stack([t.sum() for t in per_token]), logps, atol=1e-4,
+                               rtol=1e-5)
+    assert (logps < 0).all()
+
+
+def test_encode_completions_appends_eos(tiny):
+    _, tok = tiny
+    [s] = encode_completions(tok, PROMPTS[:1], [" The cafe was lovely."])
+    assert s.completion_ids[-1] == tok.eos_token_id and s.finished
+    with pytest.raises(ValueError, match="1 prompts but 2 completions"):
+        encode_completions(tok, PROMPTS[:1], ["a", "b"])
+
+
+def test_empty_prompt_set_is_an_error(tiny):
+    with pytest.raises(ValueError, match="prompt set is empty"):
+        sample(*tiny, [], progress=False)
+
+
+def _fake_run(tmp_path, model_dir=TINY, state=None):
+    """A run dir laid out as train.py writes it: config.yaml + step-N/policy.pt + LATEST."""
+    run = tmp_path / "run"
+    (run / "step-8").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model:\n  name_or_path: {model_dir}\n"
+                                     "  tokenizer_name_or_path: null\n")
+    torch.save({"step_idx": 8, "state": state, "metrics": {}}, run / "step-8" / "policy.pt")
+    (run / "LATEST").symlink_to("step-8")
+    return run
+
+
+def test_resolve_checkpoint_forms(tmp_path, tiny):
+    run = _fake_run(tmp_path, state=tiny[0].state_dict())
+    for path in (run, run / "LATEST", run / "LATEST" / "policy.pt"):
+        ref = resolve_checkpoint(str(path))
+        assert ref.model == TINY and ref.tokenizer == TINY and ref.archive.endswith("policy.pt")
+    assert resolve_checkpoint(TINY).archive is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "bare").mkdir()
+    torch.save({"state": {}}, tmp_path / "bare" / "policy.pt")
+    with pytest.raises(ValueError, match="base model"):
+        resolve_checkpoint(str(tmp_path / "bare" / "policy.pt"))
+
+
+def test_archive_that_does_not_fit_the_model(tmp_path, tiny):
+    state = {k: v for k, v in tiny[0].state_dict().items()}
+    state["model.embed_tokens.weight"] = torch.zeros(10, 64)
+    run = _fake_run(tmp_path, state=state)
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        load_checkpoint(str(run))
+
+
+def test_tokenizer_of_another_model(tmp_path):
+    """A model whose embedding table is smaller than the tokenizer's vocabulary."""
+    small = tmp_path / "small"
+    small.mkdir()
+    cfg = json.loads((REPO_ROOT / "assets" / "tiny_model" / "config.json").read_text())
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": 100})).save_pretrained(small)
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_checkpoint(str(small), tokenizer=TINY)
