@@ -14,6 +14,9 @@ any moment (SIGKILL included) keeps every line it finished. Reopening the file:
 import json
 import os
 import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from tqdm import tqdm
 
 FAILED = "failed"
 
@@ -78,3 +81,35 @@ class ResultsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def run_resumable(todo, work, log: ResultsLog, concurrency: int, desc: str) -> dict:
+    """Run `work(payload, on_retry) -> (status, fields)` for each (key, payload) in `todo`
+    on `concurrency` threads, appending each result to `log` as soon as it finishes (one writer:
+    this thread). At most 2 * concurrency items are queued, so huge runs stay small in memory."""
+    stats = {"done": 0, "failed": 0, "retries": 0}
+    bar = tqdm(total=len(todo), desc=desc, unit="req", dynamic_ncols=True)
+
+    def on_retry(attempt, error, wait_s):
+        stats["retries"] += 1
+        bar.write(f"retry {attempt} in {wait_s:.2f}s: {error[:120]}")
+
+    pending, items = {}, iter(todo)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        while True:
+            while len(pending) < 2 * concurrency:
+                item = next(items, None)
+                if item is None:
+                    break
+                pending[pool.submit(work, item[1], on_retry)] = item[0]
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = pending.pop(future)
+                status, fields = future.result()
+                log.append(key, status, **fields)
+                stats["done" if status != FAILED else "failed"] += 1
+                bar.update()
+    bar.close()
+    return stats

@@ -10,6 +10,8 @@ too, as one sample per instruction.
 """
 
 import json
+import os
+
 from harness.judges import pair_id
 from harness.loaders import read_json
 
@@ -102,3 +104,31 @@ def make_pairs(sample_sets: list[dict], allow_unmatched: bool = False) -> tuple[
     if only_a or only_b:
         print(f"WARNING: unmatched prompts: {json.dumps(report)}")
     return pairs, report if (only_a or only_b) else {}
+
+
+def load_prompt_set(spec: str, split: str = "test") -> list[str]:
+    """Prompts, in a fixed order, from a file or a registry dataset.
+
+    A file (JSON/JSONL) holds rows with 'prompt' (used as is) or 'instruction' (wrapped in the
+    dialogue format), or plain strings (instructions). Anything else is a dataset spec of the
+    registry (NAME or NAME:PATH, e.g. toy, hh:/data/hh) read at `split`."""
+    if os.path.isfile(spec):
+        rows = read_json(spec)
+        rows = rows if isinstance(rows, list) else [rows]
+        prompts = []
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                prompts.append(prompt_of(row))
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
+                prompts.append(prompt_of(row["instruction"]))
+            else:
+                raise ValueError(f"{spec}: row {i} has neither a 'prompt' nor an 'instruction' "
+                                 "string")
+    else:
+        from preference_datasets import get_dataset
+        prompts = list(get_dataset(spec, split, silent=True))
+    if len(set(prompts)) != len(prompts):
+        raise ValueError(f"prompt set {spec!r} repeats prompts; each prompt must appear once")
+    return prompts

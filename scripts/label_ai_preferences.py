@@ -19,17 +19,14 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tqdm import tqdm  # noqa: E402
-
 from harness.checkpoints import atomic_write_text  # noqa: E402
 from harness.judges import JUDGES, fingerprint, make_judge  # noqa: E402
 from harness.openai_client import GaveUp  # noqa: E402
-from harness.results_log import FAILED, ResultsLog  # noqa: E402
+from harness.results_log import FAILED, ResultsLog, run_resumable  # noqa: E402
 from harness.sample_files import make_pairs, read_samples  # noqa: E402
 from harness.winrate import win_rate  # noqa: E402
 
@@ -76,40 +73,15 @@ def parse_args(argv=None):
     return args
 
 
-def run_units(judge, log: ResultsLog, todo, concurrency: int) -> dict:
-    """Judge every (pair, unit) in `todo`, appending each result as it finishes."""
-    stats = {"judged": 0, "failed": 0, "retries": 0}
-    bar = tqdm(total=len(todo), desc="judging", unit="req", dynamic_ncols=True)
-
-    def on_retry(attempt, error, wait_s):
-        stats["retries"] += 1
-        bar.write(f"retry {attempt} in {wait_s:.2f}s: {error[:120]}")
-
-    def work(pair, unit):
+def judge_work(judge):
+    def work(item, on_retry):
+        pair, unit = item
         try:
-            return "ok", judge.judge_unit(pair, unit, on_retry)
+            return "ok", {"pair": pair["id"], "unit": unit,
+                          **judge.judge_unit(pair, unit, on_retry)}
         except GaveUp as e:
-            return FAILED, {"errors": e.errors}
-
-    pending, items = {}, iter(todo)
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        while True:
-            while len(pending) < 2 * concurrency:  # bounded: 100k pairs are not all queued
-                item = next(items, None)
-                if item is None:
-                    break
-                pending[pool.submit(work, *item)] = item
-            if not pending:
-                break
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                pair, unit = pending.pop(future)
-                status, fields = future.result()
-                log.append(f"{pair['id']}/{unit}", status, pair=pair["id"], unit=unit, **fields)
-                stats["judged" if status == "ok" else "failed"] += 1
-                bar.update()
-    bar.close()
-    return stats
+            return FAILED, {"pair": pair["id"], "unit": unit, "errors": e.errors}
+    return work
 
 
 def annotations(pairs, judge, log: ResultsLog) -> tuple[list[dict], dict]:
@@ -164,12 +136,12 @@ def main(argv=None):
     pairs, unmatched = make_pairs([read_samples(f) for f in args.samples], args.allow_unmatched)
     judge = make_judge(args.judge, args)
     with ResultsLog(str(out / "results.jsonl"), fingerprint(judge.config)) as log:
-        todo = [(p, u) for p in pairs if p["output_1"] != p["output_2"] for u in judge.units
-                if not log.done(f"{p['id']}/{u}", args.retry_failed)]
+        todo = [(f"{p['id']}/{u}", (p, u)) for p in pairs if p["output_1"] != p["output_2"]
+                for u in judge.units if not log.done(f"{p['id']}/{u}", args.retry_failed)]
         units_total = sum(p["output_1"] != p["output_2"] for p in pairs) * len(judge.units)
         print(f"{len(pairs)} pairs, {units_total} judge requests: {units_total - len(todo)} "
               f"already in {out / 'results.jsonl'}, {len(todo)} to do")
-        stats = run_units(judge, log, todo, args.concurrency)
+        stats = run_resumable(todo, judge_work(judge), log, args.concurrency, "judging")
         rows, counts = annotations(pairs, judge, log)
         usage = usage_summary(log, args)
     atomic_write_text(out / "annotations.json", json.dumps(rows, indent=1, ensure_ascii=False))
