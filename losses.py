@@ -79,3 +79,170 @@ def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_me
         return -policy_chosen_logps
     n = n_tokens.to(policy_chosen_logps.dtype)
     return -policy_chosen_logps * (n.numel() / n.sum().clamp(min=1))
+
+
+# ---------------------------------------------------------------- reward models
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: float | torch.Tensor = 0.0, center_coef: float = 0.0):
+    """Pairwise reward-model loss (Bradley-Terry; Ouyang et al. 2022, eq. 1), with the optional
+    margin of Llama 2 (Touvron et al. 2023, eq. 2) and the reward-centering term of Eisenstein et
+    al. 2023 (which keeps rewards near 0 so PPO sees a stable scale).
+
+    Args: chosen_rewards, rejected_rewards [batch] scalar rewards r(x, y_w), r(x, y_l);
+        margin: a float or [batch] tensor m; center_coef: c.
+    Returns: losses [batch], chosen_rewards [batch], rejected_rewards [batch] (detached).
+
+        loss = -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
+    """
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def expected_rating(logits: torch.Tensor) -> torch.Tensor:
+    """The scalar reward of a binned head: E[k] = sum_k k * softmax(logits)_k, k = 1..K.
+
+    Args: logits [..., K]. Returns: [...] in [1, K]."""
+    ratings = torch.arange(1, logits.shape[-1] + 1, dtype=logits.dtype, device=logits.device)
+    return (logits.softmax(-1) * ratings).sum(-1)
+
+
+def binned_rating_loss(logits: torch.Tensor, ratings: torch.Tensor):
+    """Cross-entropy of a K-way rating head against absolute ratings 1..K (ordinal data such as
+    HelpSteer's 0-4 scores, shifted to start at 1).
+
+    Args: logits [batch, K]; ratings [batch] integers in 1..K.
+    Returns: losses [batch] = -log softmax(logits)[rating - 1].
+    """
+    K = logits.shape[-1]
+    if ratings.numel() and (ratings.min() < 1 or ratings.max() > K):
+        raise ValueError(f"ratings must lie in 1..{K}, got {ratings.min().item()}..{ratings.max().item()}")
+    return F.cross_entropy(logits.float(), ratings.long() - 1, reduction="none")
+
+
+# ------------------------------------------------------------------------- PPO
+# Per-token tensors are [batch, T] over the response tokens; mask is 1 on real response tokens
+# (up to and including EOS) and 0 on padding after it.
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of the masked entries (Bessel-corrected, as in TRL / OpenAI lm-human-prefs)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    return ((x - mean) ** 2 * mask).sum() / (n - 1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean (rescales only).
+    Padding entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1"):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020,
+    "Approximating KL divergence"). With log r = log pi_ref - log pi:
+        k1 = -log r                 (unbiased, can be negative per token)
+        k3 = (r - 1) - log r        (unbiased, always >= 0)
+    Args: logprobs, ref_logprobs [batch, T]. Returns [batch, T]."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    Args: rewards, values, mask [batch, T]; values[t] = V(s_t), the value before token t.
+    Returns: (advantages [batch, T], returns [batch, T] = advantages + values), zero on padding.
+
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lam * A_{t+1}
+    where V and A are 0 after the last real token (the episode ends at EOS).
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_adv
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_range: float):
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    Args: logprobs (current, with grad), old_logprobs (at rollout), advantages, mask [batch, T].
+    Returns: (loss scalar, clip fraction scalar, approx KL(old || new) scalar (k3 estimator)).
+
+        ratio = exp(logp - logp_old)
+        loss  = mean_t max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip_range_value: float):
+    """Clipped value loss (OpenAI baselines ppo2; Huang et al. 2024, "N+ implementation details").
+
+    Args: values (current, with grad), old_values (at rollout), returns, mask [batch, T].
+    Returns: (loss scalar, value clip fraction scalar).
+
+        v_clip = v_old + clip(v - v_old, -eps_v, eps_v)
+        loss   = 0.5 * mean_t max((v - R)^2, (v_clip - R)^2)
+    """
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped_err > unclipped_err).float(), mask)
+    return loss, clipfrac
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (section 2.2):
+        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n_steps / horizon)
+    where KL is the mean per-sequence KL of the last rollout and n_steps its number of episodes."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over masked entries: 1 is a perfect critic, <= 0 a useless one."""
+    var_returns = masked_var(returns, mask)
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item() \
+        if var_returns > 0 else float("nan")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last dim: [..., V] -> [...]."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -82,7 +82,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
         resume = load_for_resume(cfg.resume)
     check_config(cfg)
     from harness.modeling import check_model_source, load_model, load_tokenizer
-    from harness.objectives import needs_reference
+    from harness.objectives import get_loss_spec, load_policy, needs_reference
     from trainers import TRAINERS
     check_model_source(cfg.model.name_or_path)
     OmegaConf.resolve(cfg)
@@ -97,14 +97,16 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
     archive = None if resume else cfg.model.archive  # a resumed run restores its own weights
-    policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
+    policy = load_policy(cfg, archive)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
     reference = None
     if needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
                                cfg.model.archive).eval()
-    trainer = TRAINERS[cfg.trainer.name](policy, tokenizer, cfg, run_dir, reference, resume)
+    # the offline loop of trainer=..., unless the loss brings its own (PPO's rollout loop)
+    trainer_cls = get_loss_spec(cfg.loss.name).trainer or TRAINERS[cfg.trainer.name]
+    trainer = trainer_cls(policy, tokenizer, cfg, run_dir, reference, resume)
     trainer.train()
     print(f"done: {run_dir}")
     return run_dir

@@ -150,7 +150,7 @@ class BasicTrainer:
                 count += len(batch["uid"])
         results = {k: v / count for k, v in sums.items()}
         self.state.last_eval = self.state.examples
-        if self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
+        if self.spec.samples and self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
             self.logger.log_samples(self.state.examples, self.sample())
         self.logger.log(results, self.state.examples)
         print(f"eval @ {self.state.examples} examples: " +
@@ -275,13 +275,20 @@ class BasicTrainer:
         st = self.state
         name = name or f"step-{st.examples}"
         trainer_state = {"train_state": asdict(st), "rng": checkpoints.rng_state()}
-        export = (lambda d: self.export_hf(d / "hf")) if self.cfg.export_hf else None
         path = checkpoints.save_checkpoint(
             self.run_dir, name, st.examples, {"examples": st.examples}, self.policy_state_dict(),
-            self.optimizer.state_dict(), self.scheduler.state_dict(), trainer_state, export)
+            self.optimizer.state_dict(), self.scheduler.state_dict(), trainer_state,
+            self.write_extra_files)
         st.last_save = st.examples
         checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         print(f"saved {path}")
+
+    def write_extra_files(self, tmp_dir):
+        """Inside the atomic checkpoint dir: the loss's own files, then the optional HF export."""
+        if self.spec.checkpoint_files is not None:
+            self.spec.checkpoint_files(self, tmp_dir)
+        if self.cfg.export_hf:
+            self.export_hf(tmp_dir / "hf")
 
     def policy_state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}

@@ -122,3 +122,15 @@ def plain_sequence_logps(model, input_ids, attention_mask, labels):
     mask = targets != -100
     token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad position of each row, for left or right padding: [B, L] -> [B]."""
+    length = attention_mask.shape[1]
+    return length - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same positions as an
+    unpadded one (what generate() uses); padding gets position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

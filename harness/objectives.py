@@ -21,8 +21,19 @@ import losses
 class LossSpec:
     fn: Callable           # the pure loss function of losses.py
     paired: bool           # trains on (chosen, rejected) pairs rather than single SFT targets
-    step: Callable         # step(trainer, batch, split) -> (mean loss, {metric: [batch] tensor})
+    step: Callable | None  # step(trainer, batch, split) -> (mean loss, {metric: [batch] tensor})
     uses_reference: bool = False  # needs reference log-probs (unless loss.reference_free=true)
+    # a class whose constructor takes the loss.* options and checks their values (default: the
+    # options are fn's keyword parameters, checked by name only)
+    options: type | None = None
+    # load_policy(cfg, archive) -> the model to train (default: the causal LM of model.*)
+    load_policy: Callable | None = None
+    # a loop class used instead of trainer=...'s offline loop, same constructor (e.g. PPO's)
+    trainer: type | None = None
+    # whether the offline loop may sample text from the policy at evaluation (not a reward model)
+    samples: bool = True
+    # checkpoint_files(trainer, tmp_dir): extra files written into every checkpoint dir
+    checkpoint_files: Callable | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -45,13 +56,24 @@ def loss_kwargs(loss_cfg) -> dict:
     """The loss config minus its name, checked against the loss function's parameters."""
     spec = get_loss_spec(loss_cfg.name)
     kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
-    params = inspect.signature(spec.fn).parameters
+    params = inspect.signature(spec.options or spec.fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = set(kwargs) - set(params)
         if unknown:
             raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
                              f" (options: {sorted(set(params) - {'policy_chosen_logps'})})")
+    if spec.options is not None:
+        spec.options(**kwargs)  # raises, naming the option, on a bad value
     return kwargs
+
+
+def load_policy(cfg, archive):
+    """The model that `loss=` trains: the loss's own loader, or the causal LM of model.*."""
+    spec = get_loss_spec(cfg.loss.name)
+    if spec.load_policy is not None:
+        return spec.load_policy(cfg, archive)
+    from harness.modeling import load_model
+    return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive)
 
 
 def needs_reference(loss_cfg) -> bool:
@@ -89,3 +111,9 @@ register_loss("dpo", LossSpec(losses.dpo_loss, paired=True, step=preference_step
                               uses_reference=True))
 register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step,
                               uses_reference=True))
+
+
+# Last, because these modules import LossSpec and register_loss from here: reward modelling and
+# PPO live in their own modules and register their specs on import.
+import harness.reward_model  # noqa: E402,F401
+import harness.ppo  # noqa: E402,F401

@@ -71,7 +71,7 @@ class RunLogger:
             self.wandb.log({"samples": table}, step=step)
 
     def plot(self) -> Path | None:
-        """curves.png: every loss / reward metric against examples seen."""
+        """curves.png: every loss / reward / KL metric against examples seen."""
         return plot_metrics(self.path, self.run_dir / "curves.png")
 
     def close(self):
@@ -98,8 +98,10 @@ def plot_metrics(metrics_path, out_path) -> Path | None:
     for row in rows:
         for key, value in row.items():
             family = key.split("/")[0].replace("_train", "").replace("_eval", "")
-            if "/" in key and family in ("loss", "rewards", "logps"):
-                groups.setdefault(key.rsplit("/", 1)[1] if family == "rewards" else family, {}) \
+            if "/" in key and family in ("loss", "rewards", "logps", "kl"):
+                # rewards_* / kl_* panels: one per statistic, train and eval together
+                by_stat = family in ("rewards", "kl")
+                groups.setdefault(f"{family}: {key.rsplit('/', 1)[1]}" if by_stat else family, {}) \
                     .setdefault(key, []).append((row["step"], value))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
     for ax, (title, series) in zip(axes[0], sorted(groups.items())):

@@ -31,7 +31,7 @@ def make(*overrides):
 
 
 def test_groups_have_the_promised_options():
-    assert set(options("loss")) == {"sft", "dpo", "ipo"} == set(LOSSES)
+    assert set(options("loss")) == {"sft", "dpo", "ipo", "reward", "ppo"} == set(LOSSES)
     assert set(options("trainer")) == set(TRAINERS)
     assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
             "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
@@ -52,10 +52,23 @@ def test_every_model_composes(model):
     check_config(cfg)
 
 
+# one override per loss that sets its required value or flips a default
+LOSS_OVERRIDES = {"sft": ["loss.token_mean=true"], "dpo": ["loss.beta=0.1"],
+                  "ipo": ["loss.beta=0.1"], "reward": ["loss.margin=0.5", "loss.center_coef=0.01"],
+                  "ppo": ["loss.reward_model=RM_RUN", "loss.adaptive_kl=true",
+                          "loss.kl_estimator=k3", "loss.gold_reward=toy"]}
+
+
 @pytest.mark.parametrize("loss", options("loss"))
 def test_every_loss_composes(loss):
-    cfg = make(f"loss={loss}", "loss.beta=0.1" if loss != "sft" else "loss.token_mean=true")
+    cfg = make(f"loss={loss}", *LOSS_OVERRIDES[loss])
     assert cfg.loss.name == loss
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("preset", options("preset"))
+def test_every_preset_composes(preset):
+    cfg = make(f"+preset={preset}", "loss.reward_model=RM_RUN")
     check_config(cfg)
 
 
@@ -75,6 +88,11 @@ def test_every_trainer_composes(trainer):
     (["save_every=epoch_x"], "save_every"),
     (["data_fraction=0"], "data_fraction"),
     (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
+    (["loss=ppo"], "loss=reward"),  # no reward model: says how to train one
+    (["loss=ppo", "loss.reward_model=R", "loss.lora=true"], "#6"),
+    (["loss=ppo", "loss.reward_model=R", "loss.kl_estimator=k2"], "loss.kl_estimator"),
+    (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
+    (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),
 ])
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):

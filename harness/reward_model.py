@@ -1,0 +1,297 @@
+"""Reward models: a scalar (or binned) head on any causal LM backbone, `loss=reward`.
+
+    python train.py loss=reward model.archive=SFT_RUN/LATEST/policy.pt
+
+The head reads the backbone's hidden state at the last non-pad token of prompt + response (the
+EOS that ends the response), never an average over padding. Training is Bradley-Terry on
+preference pairs through the offline loop; evaluation reports pairwise accuracy
+(`rewards_eval/accuracies`). Every checkpoint dir also holds
+
+    reward_model.json   head kind, reward mean / std on the held-out pairs (for PPO to
+                        normalise), held-out accuracy, tokenizer fingerprint
+    reward_model/       the backbone's config.json and the tokenizer, so the checkpoint loads
+                        without the base model dir
+
+and loads back with `load_reward_model(path)` (PPO's reward and critic) or `RewardFunction(path)`
+(text in, scores out: evaluate.py, judging).
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import losses
+from harness.checkpoints import LATEST, atomic_write_text
+from harness.modeling import check_model_source, last_token_index, position_ids
+from harness.objectives import LossSpec, register_loss
+
+META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
+
+
+# ------------------------------------------------------------------------------ the model
+class RewardModel(nn.Module):
+    """backbone (a transformers base model, no LM head) -> Linear head: 1 output (a scalar
+    reward) or n_bins outputs (logits over ratings 1..K, reward = expected rating)."""
+
+    def __init__(self, backbone, n_bins: int = 0):
+        super().__init__()
+        self.backbone, self.n_bins, self.config = backbone, n_bins, backbone.config
+        hidden = backbone.config.hidden_size
+        self.score = nn.Linear(hidden, n_bins or 1, dtype=backbone.dtype)
+        # small init, zero bias: rewards start near 0 (Stiennon et al. 2020 init the head N(0, 1/(d+1)))
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+
+    def hidden_states(self, input_ids, attention_mask):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask)).last_hidden_state
+
+    def scalar(self, head_out: torch.Tensor) -> torch.Tensor:
+        """Head outputs [..., 1 or K] -> scalar rewards [...] in float32."""
+        head_out = head_out.float()
+        return losses.expected_rating(head_out) if self.n_bins else head_out[..., 0]
+
+    def head_at_last_token(self, input_ids, attention_mask) -> torch.Tensor:
+        """Head outputs [B, 1 or K] at the last non-pad token."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+    def forward(self, input_ids, attention_mask) -> torch.Tensor:
+        """Rewards [B] read at the last non-pad token."""
+        return self.scalar(self.head_at_last_token(input_ids, attention_mask))
+
+    def values(self, input_ids, attention_mask) -> torch.Tensor:
+        """The head at every position, [B, L]: PPO's critic, initialised from a reward model."""
+        return self.scalar(self.score(self.hidden_states(input_ids, attention_mask)))
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def save_pretrained(self, out_dir, **kwargs):
+        """An HF dir of the backbone plus the head (score_head.pt) and reward_model.json."""
+        self.backbone.save_pretrained(out_dir, **kwargs)
+        torch.save(self.score.state_dict(), Path(out_dir) / "score_head.pt")
+
+
+def _strip_causal_lm_keys(state: dict, prefix: str) -> dict:
+    """A causal-LM state dict (an SFT policy.pt) as the base model's: drop the LM head, strip the
+    base-model prefix ("model." for Llama, "transformer." for GPT-2)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def build_reward_model(name_or_path: str, dtype: str, n_bins: int = 0, archive: str | None = None):
+    """A fresh head on the pretrained backbone; `archive` may be an SFT policy.pt (backbone
+    weights) or a reward-model policy.pt (backbone and head)."""
+    from transformers import AutoModel
+    backbone = AutoModel.from_pretrained(check_model_source(name_or_path), dtype=getattr(torch, dtype),
+                                         low_cpu_mem_usage=True)
+    model = RewardModel(backbone, n_bins)
+    if archive:
+        state = torch.load(archive, map_location="cpu", weights_only=True)["state"]
+        if any(k.startswith("score.") for k in state):
+            model.load_state_dict(state)
+        else:
+            prefix = backbone.base_model_prefix + "."
+            missing, unexpected = backbone.load_state_dict(_strip_causal_lm_keys(state, prefix),
+                                                           strict=False)
+            if missing or unexpected:
+                raise ValueError(f"model.archive={archive!r} does not match the backbone of "
+                                 f"{name_or_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        print(f"loaded {archive} into the reward model")
+    return model
+
+
+# ----------------------------------------------------------------------- loss=reward
+@dataclass
+class RewardOptions:
+    """The loss.* options of loss=reward (config/loss/reward.yaml documents each)."""
+    margin: float = 0.0
+    center_coef: float = 0.0
+    n_bins: int = 0
+    rating_source: str | None = None
+    rating_range: list = field(default_factory=lambda: [-1.0, 1.0])
+
+    def __post_init__(self):
+        if self.n_bins < 0 or self.n_bins == 1:
+            raise ValueError(f"loss.n_bins={self.n_bins}: use 0 (scalar head) or K >= 2 (binned)")
+        if self.n_bins and not self.rating_source:
+            raise ValueError("loss.n_bins > 0 needs absolute scores: set loss.rating_source to a "
+                             "registered scorer (e.g. toy) whose score is binned into 1..n_bins")
+        if self.rating_source:
+            check_scorer("loss.rating_source", self.rating_source)
+        if len(self.rating_range) != 2 or self.rating_range[0] >= self.rating_range[1]:
+            raise ValueError(f"loss.rating_range={list(self.rating_range)}: use [low, high]")
+
+
+def check_scorer(key: str, name: str):
+    """A registered gold scorer fn(prompt, response) -> float, or an error naming the key."""
+    from harness.toy_task import get_gold_reward
+    try:
+        return get_gold_reward(name)
+    except KeyError as e:
+        raise ValueError(f"{key}={name!r}: {e.args[0]}") from None
+
+
+def to_ratings(scores: list[float], n_bins: int, low: float, high: float) -> torch.Tensor:
+    """Absolute scores in [low, high] -> ratings 1..n_bins (equal-width bins, clamped)."""
+    frac = (torch.tensor(scores, dtype=torch.float64) - low) / (high - low)
+    return (frac * n_bins).floor().clamp(0, n_bins - 1).long() + 1
+
+
+def _pair_inputs(trainer, batch):
+    """[chosen; rejected] ids and masks padded to one length: one forward for both halves."""
+    from trainers import pad_to
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    pad = trainer.tokenizer.pad_token_id
+    ids = torch.cat([pad_to(batch[f"{k}_input_ids"], length, pad) for k in ("chosen", "rejected")])
+    mask = torch.cat([pad_to(batch[f"{k}_attention_mask"], length, 0)
+                      for k in ("chosen", "rejected")])
+    return ids.to(trainer.device), mask.to(trainer.device)
+
+
+def reward_step(trainer, batch, split: str):
+    """Bradley-Terry (scalar head) or rating cross-entropy (binned head) on one batch of pairs."""
+    opts = RewardOptions(**trainer.loss_kwargs)
+    head_out = trainer.policy.head_at_last_token(*_pair_inputs(trainer, batch))
+    rewards = trainer.policy.scalar(head_out)
+    half = len(batch["uid"])
+    chosen, rejected = rewards[:half], rewards[half:]
+    if opts.n_bins:
+        from harness.toy_task import get_gold_reward
+        score = get_gold_reward(opts.rating_source)
+        texts = batch["chosen_response_only"] + batch["rejected_response_only"]
+        ratings = to_ratings([score(p, t) for p, t in zip(batch["prompt"] * 2, texts)],
+                             opts.n_bins, *opts.rating_range).to(head_out.device)
+        per_response = losses.binned_rating_loss(head_out, ratings)
+        losses_ = (per_response[:half] + per_response[half:]) / 2
+    else:
+        losses_, _, _ = losses.bradley_terry_loss(chosen, rejected, opts.margin, opts.center_coef)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return losses_.mean(), {
+        f"rewards_{split}/chosen": chosen, f"rewards_{split}/rejected": rejected,
+        f"rewards_{split}/accuracies": (chosen > rejected).float(),
+        f"rewards_{split}/margins": chosen - rejected, f"loss/{split}": losses_}
+
+
+def load_policy(cfg, archive):
+    opts = RewardOptions(**{k: v for k, v in cfg.loss.items() if k != "name"})
+    return build_reward_model(cfg.model.name_or_path, cfg.model.policy_dtype, opts.n_bins, archive)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Same vocabulary and special tokens <=> same fingerprint."""
+    data = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id,
+                       tokenizer.pad_token_id])
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
+
+@torch.no_grad()
+def heldout_reward_stats(trainer) -> dict:
+    """Mean and std of the rewards of every held-out response, and the pairwise accuracy."""
+    model = trainer.policy
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for batch in trainer.eval_batches.epoch_batches(0):
+        rewards = model(*_pair_inputs(trainer, batch)).float().cpu()
+        chosen.append(rewards[:len(batch["uid"])])
+        rejected.append(rewards[len(batch["uid"]):])
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    every = torch.cat([chosen, rejected])
+    return {"reward_mean": every.mean().item(), "reward_std": every.std().item(),
+            "heldout_accuracy": (chosen > rejected).float().mean().item(),
+            "n_heldout_pairs": len(chosen)}
+
+
+def write_checkpoint_files(trainer, tmp_dir):
+    """reward_model.json (+ held-out stats) and reward_model/ (backbone config, tokenizer)."""
+    model = trainer.policy
+    model.backbone.config.save_pretrained(tmp_dir / MODEL_DIR)
+    trainer.tokenizer.save_pretrained(tmp_dir / MODEL_DIR)
+    meta = {"n_bins": model.n_bins, "dtype": str(next(model.parameters()).dtype).split(".")[-1],
+            "base_model": trainer.cfg.model.name_or_path,
+            "tokenizer_fingerprint": tokenizer_fingerprint(trainer.tokenizer),
+            **heldout_reward_stats(trainer)}
+    atomic_write_text(tmp_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+
+
+register_loss("reward", LossSpec(losses.bradley_terry_loss, paired=True, step=reward_step,
+                                 options=RewardOptions, load_policy=load_policy, samples=False,
+                                 checkpoint_files=write_checkpoint_files))
+
+
+# ------------------------------------------------------------------------- loading back
+def checkpoint_dir(path) -> Path:
+    """A run dir (-> LATEST), a checkpoint dir, or its policy.pt -> the checkpoint dir."""
+    path = Path(path)
+    if path.name == "policy.pt":
+        path = path.parent
+    if (path / LATEST).exists() and not (path / META_FILE).exists():
+        path = path / LATEST
+    if not (path / META_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a reward-model checkpoint ({META_FILE} missing). Train one with "
+            "`python train.py loss=reward model.archive=SFT_RUN/LATEST/policy.pt` and pass its "
+            "run dir or checkpoint dir")
+    return path
+
+
+def load_reward_model(path, dtype: str | None = None):
+    """(RewardModel in eval mode, its tokenizer, meta dict) from a reward checkpoint."""
+    from transformers import AutoConfig, AutoModel
+    from harness.modeling import load_tokenizer
+    ckpt = checkpoint_dir(path)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    config = AutoConfig.from_pretrained(ckpt / MODEL_DIR)
+    backbone = AutoModel.from_config(config, dtype=getattr(torch, dtype or meta["dtype"]))
+    model = RewardModel(backbone, meta["n_bins"])
+    state = torch.load(ckpt / "policy.pt", map_location="cpu", weights_only=True)["state"]
+    model.load_state_dict(state)
+    tokenizer = load_tokenizer(str(ckpt / MODEL_DIR))
+    return model.eval(), tokenizer, meta
+
+
+def check_same_tokenizer(meta: dict, tokenizer, where: str):
+    """Refuse a reward model whose token ids mean something else than the policy's."""
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"{where}: the reward model's tokenizer differs from the policy's (fingerprint "
+            f"{meta['tokenizer_fingerprint']} vs {tokenizer_fingerprint(tokenizer)}), so its "
+            "scores of the policy's token ids would be meaningless. Train the reward model on "
+            "the policy's base model (model.name_or_path) or score decoded text with "
+            "RewardFunction, which re-tokenises explicitly.")
+
+
+class RewardFunction:
+    """Text in, rewards out: `fn(prompts, completions) -> [float]`, re-tokenised with the reward
+    model's own tokenizer (EOS appended, as in training). normalize=True applies the held-out
+    mean / std stored with the checkpoint."""
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 32, normalize: bool = False):
+        self.model, self.tokenizer, self.meta = load_reward_model(path)
+        self.model.to(device)
+        self.device, self.batch_size, self.normalize = device, batch_size, normalize
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        from preference_datasets import _pad
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            # prompt and completion tokenised apart, then joined: exactly as in training
+            seqs = [self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                    + self.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
+                    for p, c in zip(prompts[i:i + self.batch_size],
+                                    completions[i:i + self.batch_size])]
+            ids = _pad(seqs, pad).to(self.device)
+            mask = _pad([[1] * len(s) for s in seqs], 0).to(self.device)
+            out.extend(self.model(ids, mask).float().cpu().tolist())
+        if self.normalize:
+            out = [(r - self.meta["reward_mean"]) / self.meta["reward_std"] for r in out]
+        return out

@@ -1,0 +1,140 @@
+"""PPO rollouts: prompts -> sampled responses -> per-token log-probs, values, rewards.
+
+Token layout of a rollout batch (B rows, P prompt columns, T response columns):
+
+    [pad pad p1 p2 p3 | r1 r2 EOS pad pad]      prompt left-padded, response right-padded
+    mask               [ 0  0  1  1  1 |  1  1  1   0   0 ]
+
+Response token t is predicted from column P - 1 + t; its value V(s_t) is the critic's head at
+that same column (the state before the token). The reward model reads the last non-pad column,
+which is the EOS that ends the response (score at EOS). Position ids count real tokens only, so
+a left-padded row sees the same positions as in generate(). Every mask comes from lengths and
+the first EOS, never from comparing ids with the pad id, so a tokenizer whose pad is its EOS
+cannot hide the EOS from the loss.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.generation import Sample, SamplingConfig, sample
+from harness.modeling import position_ids
+from losses import entropy_from_logits
+from preference_datasets import _TRUNCATE
+
+
+def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
+    """Prompt ids as in training (no BOS), cut to max_prompt_length per the dataset's mode."""
+    out = []
+    for ex in examples:
+        ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        out.append(list(_TRUNCATE[ex.truncation_mode](ids, max_prompt_length))
+                   if len(ids) > max_prompt_length else list(ids))
+    return out
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes; per-token tensors are [B, T] over response columns."""
+    input_ids: torch.Tensor        # [B, P + T]
+    attention_mask: torch.Tensor   # [B, P + T]
+    prompt_width: int              # P
+    mask: torch.Tensor             # [B, T] 1 on response tokens up to and including EOS
+    finished: torch.Tensor         # [B] bool: the response ended with EOS
+    samples: list[Sample]
+    logprobs: torch.Tensor | None = None      # [B, T] policy, at rollout time
+    ref_logprobs: torch.Tensor | None = None  # [B, T] frozen reference
+    values: torch.Tensor | None = None        # [B, T] critic, at rollout time
+    scores: torch.Tensor | None = None        # [B] reward model at EOS (raw)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rows `index` of every tensor (a PPO minibatch), same column layout."""
+        pick = lambda t: t[index] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "samples"},
+                       samples=[self.samples[i] for i in index.tolist()])
+
+
+def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
+    """Tensors for sampled (prompt, completion) token ids in the layout above."""
+    P = max(len(s.prompt_ids) for s in samples)
+    T = max(max(len(s.completion_ids) for s in samples), 1)
+    B = len(samples)
+    ids = torch.full((B, P + T), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    for row, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        ids[row, P - p:P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        ids[row, P:P + c] = torch.tensor(s.completion_ids, dtype=torch.long)
+        attn[row, P - p:P + c] = 1
+    finished = torch.tensor([s.finished for s in samples])
+    return Rollout(ids.to(device), attn.to(device), P, attn[:, P:].float().to(device),
+                   finished.to(device), samples)
+
+
+def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
+             max_new_tokens: int, temperature: float, seed: int, device) -> Rollout:
+    """Sample one response per prompt (harness.generation: left padding, stop at EOS, seeded,
+    pure temperature sampling with no top-k / top-p) and lay the batch out as above."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                         batch_size=len(prompts), seed=seed)
+    samples = sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
+                     progress=False)
+    return build_batch(samples, pad, device)
+
+
+class _PreTokenized:
+    """The tokenizer, except that the given prompts encode to their (truncated) ids."""
+
+    def __init__(self, tokenizer, prompts, ids):
+        self._tok, self._ids = tokenizer, dict(zip(prompts, ids))
+
+    def __call__(self, text, **kwargs):
+        if text in self._ids:
+            return {"input_ids": self._ids[text]}
+        return self._tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def policy_logprobs(model, batch: Rollout, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs [B, T] of the response under `model`, from logits / temperature (the
+    distribution the tokens were sampled from); optionally the entropy [B, T] too."""
+    P = batch.prompt_width
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=position_ids(batch.attention_mask)).logits
+    logits = logits[:, P - 1:-1].float() / temperature
+    targets = batch.input_ids[:, P:]
+    logprobs = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
+
+
+def critic_values(critic, batch: Rollout) -> torch.Tensor:
+    """V(s_t) [B, T]: the critic's head at the column that predicts response token t."""
+    P = batch.prompt_width
+    return critic.values(batch.input_ids, batch.attention_mask)[:, P - 1:-1]
+
+
+@torch.no_grad()
+def score(reward_model, batch: Rollout) -> torch.Tensor:
+    """Reward-model scores [B] at the last non-pad token (the EOS of a finished response)."""
+    return reward_model(batch.input_ids, batch.attention_mask).float()
+
+
+@torch.no_grad()
+def fill(batch: Rollout, policy, reference, critic, reward_model, temperature: float,
+         chunk: int) -> Rollout:
+    """Rollout-time log-probs, reference log-probs, values and scores, `chunk` rows at a time
+    (the same row groups the first PPO epoch may use, and bounded memory)."""
+    parts = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for start in range(0, batch.input_ids.shape[0], chunk):
+        mb = batch.select(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
+                                       device=batch.input_ids.device))
+        parts["logprobs"].append(policy_logprobs(policy, mb, temperature))
+        parts["ref_logprobs"].append(policy_logprobs(reference, mb, temperature))
+        parts["values"].append(critic_values(critic, mb))
+        parts["scores"].append(score(reward_model, mb))
+    for key, pieces in parts.items():
+        setattr(batch, key, torch.cat(pieces))
+    return batch

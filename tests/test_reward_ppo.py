@@ -1,0 +1,177 @@
+"""Reward models and PPO on the bundled tiny model: EOS scoring, reward training that beats
+chance, checkpoints that load back as a reward function, a short PPO run end to end, bad input."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from harness import ppo
+from harness.modeling import last_token_index, load_tokenizer
+from harness.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
+                                  load_reward_model, to_ratings)
+from harness.run_logging import read_metrics
+from harness.toy_task import all_prompts, parse_request
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
+FAST = ["wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
+        "eval_every=1000000"]
+
+
+def run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"local_dirs=[{tmp_path}]", *FAST, *overrides])
+    return Path(train.run(cfg))
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert last_token_index(mask).tolist() == [2, 4, 4, 2]
+
+
+def test_reward_is_read_at_eos_whatever_the_padding():
+    tok = load_tokenizer("assets/tiny_model")
+    torch.manual_seed(0)
+    model = build_reward_model("assets/tiny_model", "float32").eval()
+    seq = tok("\n\nHuman: hi\n\nAssistant: The cafe was great.")["input_ids"] + [tok.eos_token_id]
+    n, pad = len(seq), tok.pad_token_id
+    right = torch.tensor([seq + [pad] * 3])
+    left = torch.tensor([[pad] * 3 + seq])
+    right_mask = torch.tensor([[1] * n + [0] * 3])
+    with torch.no_grad():
+        r_right = model(right, right_mask)
+        r_left = model(left, right_mask.flip(-1))
+        r_plain = model(torch.tensor([seq]), torch.ones(1, n, dtype=torch.long))
+        # the value head at the EOS column is the reward
+        values = model.values(right, right_mask)
+        r_cut = model(torch.tensor([seq[:-1]]), torch.ones(1, n - 1, dtype=torch.long))
+    torch.testing.assert_close(r_right, r_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r_left, r_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values[:, n - 1], r_plain, rtol=1e-5, atol=1e-5)
+    assert (r_cut - r_plain).abs().item() > 1e-4  # a different last token is a different score
+
+
+def test_ratings_are_equal_width_bins():
+    assert to_ratings([-1.0, -0.61, -0.59, 0.0, 0.99, 1.0, 7.0], 5, -1.0, 1.0).tolist() == \
+        [1, 1, 2, 3, 5, 5, 5]
+
+
+def _sentiment_pairs(path: Path, n: int, seed: int):
+    """Toy prompts; the chosen response praises, the rejected one pans (no polarity logic),
+    so the preference is learnable in a few hundred steps by the tiny model."""
+    rng = random.Random(seed)
+    good, bad = ["wonderful", "excellent", "great", "lovely"], ["terrible", "awful", "horrible", "bad"]
+    rows = []
+    for prompt in rng.sample(all_prompts(), n):
+        topic = parse_request(prompt)[0]
+        rows.append({"prompt": prompt, "chosen": f" The {topic} was {rng.choice(good)}.",
+                     "rejected": f" The {topic} was {rng.choice(bad)}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    _sentiment_pairs(tmp / "pairs.jsonl", 1200, seed=0)
+    # json data is split by prompt hash: ~5% of the prompts are held out as the test split
+    return run(tmp, "loss=reward", f"datasets=[json:{tmp / 'pairs.jsonl'}]", "n_epochs=2",
+               "batch_size=16", "lr=1e-3", "n_eval_examples=64", "do_first_eval=true")
+
+
+def test_reward_training_beats_chance_on_heldout_pairs(reward_run):
+    evals = [r for r in read_metrics(reward_run / "metrics.jsonl") if "loss/eval" in r]
+    assert evals[-1]["rewards_eval/accuracies"] >= 0.9
+    assert evals[-1]["loss/eval"] < evals[0]["loss/eval"]
+    meta = json.loads((reward_run / "LATEST" / "reward_model.json").read_text())
+    assert meta["heldout_accuracy"] == pytest.approx(evals[-1]["rewards_eval/accuracies"], abs=1e-6)
+    assert meta["reward_std"] > 0 and meta["n_heldout_pairs"] > 20
+
+
+def test_reward_checkpoint_loads_back_as_a_reward_function(reward_run):
+    fn = RewardFunction(reward_run)  # a run dir: its LATEST checkpoint
+    prompt = "\n\nHuman: Tell Anna something positive about the cafe.\n\nAssistant:"
+    good, bad = fn([prompt, prompt], [" The cafe was wonderful.", " The cafe was awful."])
+    assert good > bad
+    normed = RewardFunction(reward_run / "LATEST" / "policy.pt", normalize=True)
+    meta = normed.meta
+    assert normed([prompt], [" The cafe was wonderful."])[0] == pytest.approx(
+        (good - meta["reward_mean"]) / meta["reward_std"], rel=1e-4)
+
+
+def test_reward_tokenizer_mismatch_is_refused(reward_run):
+    _, tok, meta = load_reward_model(reward_run)
+    check_same_tokenizer(meta, tok, "here")
+    tok.add_tokens(["<|new|>"])
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        check_same_tokenizer(meta, tok, "loss.reward_model")
+
+
+def test_not_a_reward_checkpoint_says_how_to_train_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="loss=reward"):
+        load_reward_model(tmp_path)
+
+
+PPO = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2",
+       "loss.max_new_tokens=12", "n_eval_examples=16", "loss.gold_reward=toy", "lr=1e-4",
+       "warmup_steps=0"]
+
+
+def test_short_ppo_run_end_to_end(tmp_path, reward_run):
+    run_dir = run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "n_examples=32",
+                  "loss.adaptive_kl=true", "loss.kl_target=0.1", "loss.kl_horizon=100")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss/policy" in r]
+    assert [r["step"] for r in train_rows] == [16, 32]
+    for key in ("rewards_train/score", "kl_train/kl", "ppo/clipfrac", "ppo/approxkl",
+                "loss/value", "ppo/explained_variance", "ppo/entropy", "ppo/response_length",
+                "ppo/eos_fraction", "kl_train/coef"):
+        assert key in train_rows[0], key
+    # nothing changed between the rollout and the first minibatch of the first epoch
+    assert all(r["ppo/first_ratio_max_dev"] == 0.0 for r in train_rows)
+    # adaptive KL: the coefficient moved from its initial value
+    assert train_rows[-1]["kl_train/coef"] != 0.05
+    evals = [r for r in rows if "rewards_eval/gold" in r]
+    assert len(evals) == 2 and evals[0]["kl_eval/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert (run_dir / "curves.png").stat().st_size > 0
+    ckpt = run_dir / "LATEST"
+    assert {"policy.pt", "critic.pt", "optimizer.pt", "trainer_state.pt"} <= {
+        p.name for p in ckpt.iterdir()}
+    # the actor loads back as model.archive anywhere
+    state = torch.load(ckpt / "policy.pt", weights_only=True)
+    assert state["step_idx"] == 32 and "lm_head.weight" in state["state"]
+
+
+def _trainer(tmp_path, reward_run, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"local_dirs=[{tmp_path}]", f"local_run_dir={tmp_path}/run", *FAST, *PPO,
+            f"loss.reward_model={reward_run}", *overrides])
+    from harness.modeling import load_model
+    (tmp_path / "run").mkdir()
+    policy = load_model("assets/tiny_model", "float32")
+    reference = load_model("assets/tiny_model", "float32")
+    return ppo.PPOTrainer(policy, load_tokenizer("assets/tiny_model"), cfg, str(tmp_path / "run"),
+                          reference)
+
+
+def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, reward_run):
+    trainer = _trainer(tmp_path, reward_run)
+    for (name, a), b in zip(trainer.critic.state_dict().items(),
+                            trainer.reward_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not any(m.training for model in (trainer.policy, trainer.critic, trainer.reference)
+                   for m in model.modules())
+
+
+def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch):
+    import harness.rollout
+    trainer = _trainer(tmp_path, reward_run, "n_examples=16", "do_first_eval=false")
+    monkeypatch.setattr(harness.rollout, "score", lambda model, batch: torch.full(
+        (batch.input_ids.shape[0],), float("nan")))
+    with pytest.raises(ppo.TrainingDiverged, match=r"rewards_train/score=nan"):
+        trainer.train()
+    assert (tmp_path / "run" / "diverged-0" / "policy.pt").exists()
