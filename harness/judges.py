@@ -2,6 +2,7 @@
 
     judge = make_judge("llm", args)          # any OpenAI-compatible endpoint, both orders
     judge = make_judge("gold:toy", args)     # a registered gold reward (harness.toy_task)
+    judge = make_judge("reward_model:RUN", args)  # a loss=reward checkpoint (harness.reward_model)
 
 A judge splits a pair into independent units of work (`units`: the two presentation orders
 for an LLM, one scoring for a reward), judges each unit (`judge_unit`, which may raise
@@ -14,6 +15,7 @@ records, so a killed run redoes at most the units in flight. New judges register
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,3 +238,24 @@ class GoldJudge(ScoreJudge):
 
     def scores(self, prompt, outputs):
         return [self.reward(prompt, o) for o in outputs]
+
+
+@register_judge("reward_model")
+class RewardModelJudge(ScoreJudge):
+    """A reward-model checkpoint trained with loss=reward: --judge reward_model:RUN_OR_CKPT_DIR.
+    Outputs are re-tokenised with the reward model's own tokenizer (RewardFunction)."""
+
+    def __init__(self, arg, args):
+        if not arg:
+            raise ValueError("--judge reward_model:PATH needs the reward model's run dir or "
+                             "checkpoint dir")
+        from harness.reward_model import RewardFunction
+        self.fn = RewardFunction(arg)
+        self._lock = threading.Lock()  # the labeller's threads share one model: one forward at a time
+        self.name = f"reward_model:{arg}"
+        self.config = {"judge": "reward_model", "meta": self.fn.meta,
+                       "path": str(Path(arg).resolve())}
+
+    def scores(self, prompt, outputs):
+        with self._lock:
+            return self.fn([prompt] * len(outputs), outputs)

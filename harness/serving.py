@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_N, MAX_TOP_LOGPROBS, MAX_STOP = 16, 20, 4
-UNSUPPORTED = {"stream": False, "echo": False, "best_of": 1, "presence_penalty": 0,
+UNSUPPORTED = {"stream": False, "best_of": 1, "presence_penalty": 0,
                "frequency_penalty": 0, "logit_bias": None, "suffix": None}
 
 
@@ -46,6 +46,7 @@ class Params:
     top_logprobs: int | None  # None: no logprobs
     stop: tuple[str, ...]
     seed: int | None
+    echo: bool = False  # completions: return the prompt too (with its log-probs): lm-eval
 
 
 # ---------------------------------------------------------------- validation
@@ -76,6 +77,9 @@ def parse_params(body: dict, chat: bool, max_new_tokens: int) -> Params:
         top_logprobs = top if body.get("logprobs") else None
     else:
         top_logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    echo = body.get("echo", False)
+    if chat and "echo" in body or not isinstance(echo, bool):
+        raise HttpError(400, "'echo' must be true or false, and only for /v1/completions", "echo")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP or \
@@ -83,12 +87,13 @@ def parse_params(body: dict, chat: bool, max_new_tokens: int) -> Params:
         raise HttpError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty "
                              "strings", "stop")
     max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    return Params(
-        max_tokens=_number(body, max_key, min(256, max_new_tokens), 1, max_new_tokens, True),
+    return Params(  # max_tokens=0 only with echo: score the prompt, generate nothing
+        max_tokens=_number(body, max_key, min(256, max_new_tokens), 0 if echo else 1,
+                           max_new_tokens, True),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0), n=_number(body, "n", 1, 1, MAX_N, True),
         top_logprobs=top_logprobs, stop=tuple(stop),
-        seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True))
+        seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True), echo=echo)
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -108,7 +113,8 @@ def parse_prompts(body: dict) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise HttpError(400, "'prompt' must be a string or a non-empty list of strings "
-                             "(token-id prompts are not supported)", "prompt")
+                             "(token-id prompts are not supported; lm-eval: tokenized_requests="
+                             "False)", "prompt")
     return prompts
 
 
@@ -151,39 +157,52 @@ class ModelBackend:
                                      f"{self.context} of model {self.name!r}", "max_tokens")
 
     def generate(self, prompts: list[str], params: Params) -> list[dict]:
-        from harness.generation import SamplingConfig, sample
-        cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
-                             top_p=params.top_p if params.top_p > 0 else 1e-6,
-                             batch_size=len(prompts), seed=params.seed if params.seed is not None
-                             else int.from_bytes(uuid.uuid4().bytes[:4], "big"))
+        from harness.generation import SamplingConfig, encode_completions, sample
+        if params.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
+            samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False)
+        else:
+            cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
+                                 top_p=params.top_p if params.top_p > 0 else 1e-6,
+                                 batch_size=len(prompts), seed=params.seed if params.seed is not
+                                 None else int.from_bytes(uuid.uuid4().bytes[:4], "big"))
+            samples = sample(self.model, self.tok, prompts, cfg, progress=False)
         outs = []
-        for s in sample(self.model, self.tok, prompts, cfg, progress=False):
+        for s in samples:
             text, stopped = _cut_at_stop(s.completion, params.stop)
-            out = {"text": text, "finish_reason": "stop" if s.finished or stopped else "length",
+            out = {"text": s.prompt + text if params.echo else text,
+                   "finish_reason": "stop" if s.finished or stopped else "length",
                    "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids)}
             if params.top_logprobs is not None:
-                out["logprobs"] = self._logprobs(s, params.top_logprobs, len(text))
+                out["logprobs"] = self._logprobs(s, params.top_logprobs, len(text), params.echo)
             outs.append(out)
         return outs
 
     @torch.no_grad()
-    def _logprobs(self, s, k: int, text_len: int) -> list[dict]:
-        """Per completion token: its text, log-prob and the k most likely alternatives; tokens
-        after a stop string are dropped."""
-        ids = torch.tensor([s.prompt_ids + s.completion_ids])
-        logits = self.model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1].float()
-        logps = logits.log_softmax(-1)
+    def _logprobs(self, s, k: int, text_len: int, echo: bool) -> list[dict]:
+        """Per token: its text, log-prob and the k most likely alternatives. Completion tokens
+        after a stop string are dropped; with echo the prompt's tokens come first (the very
+        first has no log-prob: None, as in OpenAI's schema)."""
+        ids = list(s.prompt_ids + s.completion_ids)
+        logps = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
         top = logps.topk(k, dim=-1) if k else None
-        rows, length = [], 0
-        for i, tid in enumerate(s.completion_ids):
-            if length >= text_len and i > 0:
-                break
-            token = self.tok.decode([tid])
-            length += len(token)
+        n_prompt = len(s.prompt_ids)
+
+        def row(pos):  # the token at position pos, predicted from position pos - 1
+            token = self.tok.decode([ids[pos]])
+            if pos == 0:
+                return {"token": token, "logprob": None, "top_logprobs": None}
             alts = [] if top is None else [
                 {"token": self.tok.decode([int(t)]), "logprob": float(v)}
-                for v, t in zip(top.values[i], top.indices[i])]
-            rows.append({"token": token, "logprob": float(logps[i, tid]), "top_logprobs": alts})
+                for v, t in zip(top.values[pos - 1], top.indices[pos - 1])]
+            return {"token": token, "logprob": float(logps[pos - 1, ids[pos]]), "top_logprobs": alts}
+
+        rows = [row(pos) for pos in range(n_prompt)] if echo else []
+        length = 0
+        for pos in range(n_prompt, len(ids)):
+            if length >= text_len and pos > n_prompt:
+                break
+            rows.append(row(pos))
+            length += len(rows[-1]["token"])
         return rows
 
 

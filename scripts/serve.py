@@ -56,7 +56,8 @@ def _completion_logprobs(rows):
         offsets.append(pos)
         pos += len(r["token"])
     return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in r["top_logprobs"]} for r in rows],
+            "top_logprobs": [None if r["top_logprobs"] is None else
+                             {a["token"]: a["logprob"] for a in r["top_logprobs"]} for r in rows],
             "text_offset": offsets}
 
 

@@ -152,3 +152,23 @@ def test_sigkill_mid_run_then_restart_loses_duplicates_and_relabels_nothing(tmp_
     assert all(json.loads(x)["status"] == "ok" for x in after)
     assert sum(r["preference"] is not None
                for r in json.loads((tmp_path / "out" / "annotations.json").read_text())) == 20
+
+
+def test_reward_model_checkpoint_labels_by_its_scores(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from harness.reward_model import RewardFunction
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"local_dirs=[{tmp_path}]", "loss=reward", "n_examples=32", "batch_size=16",
+            "n_eval_examples=16", "wandb.enabled=false", "eval_every=1000000"])
+    run_dir = train.run(cfg)
+    samples = write_samples(tmp_path / "s.jsonl", 8)
+    label([samples], tmp_path / "out", "--judge", f"reward_model:{run_dir}")
+    rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    fn = RewardFunction(run_dir)
+    for row in rows:
+        r1, r2 = fn([prompt_of(row["instruction"])] * 2, [" " + row["output_1"], " " + row["output_2"]])
+        assert row["preference"] == (2.0 if r2 > r1 else 1.0 if r1 > r2 else 1.5)
+        assert row["annotator"] == f"reward_model:{run_dir}"

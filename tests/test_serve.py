@@ -136,3 +136,24 @@ def test_bad_input_gets_4xx_with_a_message(server, path, payload, status, messag
     got, body = http(url + path, None if raw else payload, raw=raw, method="POST")
     assert got == status and message in body["error"]["message"]
     assert http(f"{url}/models")[0] == 200  # and the server lives on
+
+
+def test_echo_scores_the_prompt_like_the_training_code(server):
+    """lm-eval's loglikelihood requests: echo=true, max_tokens=0, logprobs=k."""
+    from harness.generation import Sample, completion_token_logps
+    srv, url = server
+    text = PROMPT + " The cafe was lovely."
+    status, body = http(f"{url}/completions", {"model": "tiny", "prompt": text, "echo": True,
+                                               "max_tokens": 0, "logprobs": 1, "temperature": 0})
+    assert status == 200
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text == "".join(lp["tokens"])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    backend = srv.backends["tiny"]
+    ids = backend.tok(text, add_special_tokens=False)["input_ids"]
+    expected = completion_token_logps(backend.model, backend.tok,
+                                      [Sample("", "", (ids[0],), tuple(ids[1:]), False)])[0]
+    assert len(lp["token_logprobs"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert http(f"{url}/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0})[0] == 400
