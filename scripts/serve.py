@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.openai_client import api_key_from_env  # noqa: E402
 from harness.serving import (Batcher, HttpError, ModelBackend, ScriptedJudge,  # noqa: E402
                              parse_messages, parse_params, parse_prompts)
 
@@ -143,6 +144,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
             raw = self.rfile.read(length)
+            if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+                raise HttpError(401, "missing or wrong API key (Authorization: Bearer ...)")
             if self.path.rstrip("/") not in routes:
                 raise HttpError(404, f"no route POST {self.path}; use {sorted(routes)}")
             if self.server.inject_fault(raw, self):
@@ -165,11 +168,11 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, backends: dict, batcher: Batcher, max_new_tokens: int = 512,
                  faults=(), fail_always=None, hang_s: float = 30.0, delay_s: float = 0.0,
-                 quiet: bool = False):
+                 quiet: bool = False, api_key: str | None = None):
         super().__init__(address, Handler)
         self.backends, self.batcher, self.max_new_tokens = backends, batcher, max_new_tokens
         self.faults, self.fail_always, self.hang_s, self.delay_s = list(faults), fail_always, hang_s, delay_s
-        self.quiet, self.started = quiet, int(time.time())
+        self.quiet, self.started, self.api_key = quiet, int(time.time()), api_key
         self.requests_per_body: dict[str, int] = {}
         self._lock = threading.Lock()
         self.faults_served: dict[str, int] = {}
@@ -254,6 +257,7 @@ def parse_args(argv=None):
     p.add_argument("--hang-seconds", type=float, default=30.0)
     p.add_argument("--delay", type=float, default=0.0, help="testing: seconds before every answer")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--api-key-env", help="require the key in this environment variable (401 otherwise)")
     args = p.parse_args(argv)
     faults = [f for f in args.faults.split(",") if f]
     if any(f not in FAULTS for f in faults):
@@ -272,7 +276,8 @@ def main(argv=None):
     backends = build_backends(args)
     server = Server((args.host, args.port), backends,
                     Batcher(args.max_batch_size, args.batch_wait_ms / 1000), args.max_new_tokens,
-                    args.faults, args.fail_always, args.hang_seconds, args.delay, args.quiet)
+                    args.faults, args.fail_always, args.hang_seconds, args.delay, args.quiet,
+                    api_key_from_env(args.api_key_env))
     host, port = server.server_address[:2]
     # the exact line tests and scripts wait for: the base URL, once the socket is listening
     print(f"serving {sorted(backends)} at http://{host}:{port}/v1", flush=True)

@@ -172,3 +172,23 @@ def test_reward_model_checkpoint_labels_by_its_scores(tmp_path):
         r1, r2 = fn([prompt_of(row["instruction"])] * 2, [" " + row["output_1"], " " + row["output_2"]])
         assert row["preference"] == (2.0 if r2 > r1 else 1.0 if r1 > r2 else 1.5)
         assert row["annotator"] == f"reward_model:{run_dir}"
+
+
+def test_api_key_comes_from_the_environment_and_is_never_written(tmp_path, monkeypatch):
+    secret = "sk-test-4f9a0c7e-never-write-me"
+    samples = write_samples(tmp_path / "s.jsonl", 3)
+    with running_server({"judge": toy_judge()}, api_key=secret) as (_, url):
+        monkeypatch.setenv("MY_JUDGE_KEY", secret)
+        ok = label([samples], tmp_path / "ok", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+        monkeypatch.setenv("MY_JUDGE_KEY", "sk-wrong")
+        bad = label([samples], tmp_path / "bad", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+    assert ok["win_rate_output_2"]["n"] == 3
+    # 401 is not retried: another attempt cannot fix a wrong key
+    assert bad["this_run"] == {"done": 0, "failed": 6, "retries": 0}
+    assert "HTTP 401" in bad["failed_items"][0]["last_error"]
+    for path in [*(tmp_path / "ok").iterdir(), *(tmp_path / "bad").iterdir()]:
+        assert secret.encode() not in path.read_bytes()
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(ValueError, match="MY_JUDGE_KEY is not set"):
+        label([samples], tmp_path / "x", *llm_args("http://127.0.0.1:9/v1", "--api-key-env",
+                                                     "MY_JUDGE_KEY"))

@@ -157,3 +157,16 @@ def test_echo_scores_the_prompt_like_the_training_code(server):
     assert len(lp["token_logprobs"]) == len(ids)
     assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=1e-4)
     assert http(f"{url}/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0})[0] == 400
+
+
+def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one(server):
+    import copy
+    srv, _ = server
+    plain = srv.backends["tiny"]
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    assert plain.chat_prompt(messages) == "Be kind.\n\nHuman: Hi\n\nAssistant:"
+    tok = copy.deepcopy(plain.tok)
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    templated = ModelBackend("t", plain.model, tok)
+    assert templated.chat_prompt(messages) == "<system>Be kind.<user>Hi<assistant>"
