@@ -113,3 +113,31 @@ def test_annotations_round_trip_into_prefs_dpo_training(tmp_path):
     run_dir = Path(train.run(cfg))
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r]
     assert [r["step"] for r in rows] == [16, 32] and "rewards_train/accuracies" in rows[-1]
+
+
+def test_eval_ckpt_reports_a_pairwise_win_rate_without_alpaca_eval(tmp_path):
+    prompts = prompt_file(tmp_path, 4)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PROMPTS": str(prompts), "OUT_ROOT": str(tmp_path / "eval"), "MAX_NEW_TOKENS": "12",
+           "REFERENCE_CKPT": TINY}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "eval_ckpt.sh"), TINY, "tiny", "gold:toy",
+                           "1.3"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped: alpaca_eval needs an LLM judge" in done.stdout
+    summary = json.loads((tmp_path / "eval" / "tiny" / "pairwise" / "summary.json").read_text())
+    outputs = json.loads((tmp_path / "eval" / "tiny" / "model_outputs.json").read_text())
+    assert summary["pairs"] == 4 and {o["generator"] for o in outputs} == {"tiny"}
+    assert summary["win_rate_output_2"]["n"] == 4  # same model and seed: identical outputs tie
+
+
+def test_alpaca_eval_config_uses_our_template(tmp_path):
+    import re
+    import alpaca_eval_config
+    folder = alpaca_eval_config.write_config("toy", "judge", str(tmp_path))
+    prompt = (folder / "prompt.txt").read_text()
+    assert prompt.startswith("<|im_start|>system\n") and "{output_1}" in prompt and "{output_2}" in prompt
+    assert "{output_a}" not in prompt
+    config = (folder / "configs.yaml").read_text()
+    assert 'model_name: "judge"' in config
+    one, two = re.findall(r"[12]: '(.*)'", config)
+    assert re.search(one, "A") and not re.search(one, "B") and re.search(two, " (B)")
