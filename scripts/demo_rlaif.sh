@@ -12,13 +12,13 @@
 #
 #   bash scripts/demo_rlaif.sh                 # results in .cache/demo_rlaif_<time>/report.*
 # Sizes: N_PAIRS (train prompts sampled, default 800), SFT_EXAMPLES (default 2000),
-# DPO_EPOCHS (default 2), PYTHON (default python).
+# DPO_EPOCHS (default 3), PYTHON (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 WANDB_MODE=offline
 OUT=${OUT:-.cache/demo_rlaif_$(date +%Y%m%d_%H%M%S)}
-N_PAIRS=${N_PAIRS:-800}; SFT_EXAMPLES=${SFT_EXAMPLES:-2000}; DPO_EPOCHS=${DPO_EPOCHS:-2}
+N_PAIRS=${N_PAIRS:-800}; SFT_EXAMPLES=${SFT_EXAMPLES:-2000}; DPO_EPOCHS=${DPO_EPOCHS:-3}
 JUDGE=${JUDGE:-served}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -56,7 +56,7 @@ log "3. label $N_PAIRS pairs (${JUDGE_ARGS[*]:0:2})"
     "${JUDGE_ARGS[@]}" 2> "$OUT/label.log" | tail -3
 
 log "4. DPO on the AI labels -> $OUT/dpo"
-"$PY" train.py loss=dpo loss.beta=0.1 lr=3e-4 model.archive="$SFT" datasets=[toy] \
+"$PY" train.py loss=dpo loss.beta=0.1 lr=1e-3 model.archive="$SFT" datasets=[toy] \
     prefs_path="$OUT/labels/annotations.json" n_epochs="$DPO_EPOCHS" local_run_dir="$OUT/dpo" \
     "${COMMON[@]}" > "$OUT/dpo.log" 2>&1
 
