@@ -104,7 +104,8 @@ class OpenAIClient:
             raise RetryableError(f"garbage answer (not JSON): {text[:100]!r}") from None
 
     def call(self, fn, on_retry=None):
-        """Run `fn(self)` (a request plus parsing of its answer) with retries; returns its result.
+        """Run `fn(self)` (a request plus parsing of its answer) with retries; returns
+        (its result, the number of attempts it took).
 
         `fn` raises RetryableError for an unusable answer (e.g. no verdict in the text)."""
         errors = []

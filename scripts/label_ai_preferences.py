@@ -11,8 +11,9 @@ concurrently with retries and backoff; each finished unit is appended (fsync'd) 
 OUT_DIR/results.jsonl, so rerunning the same command after a crash or SIGKILL resumes without
 losing, duplicating or relabelling anything. Failed items are listed, never guessed (their
 preference is null). Writes OUT_DIR/annotations.json (train with `prefs_path=`), summary.json
-(counts, win rate of output_2 with a 95% interval, tokens, cost) and summary.png. The API
-key is read from the environment variable named by --api-key-env, nowhere else.
+(counts, win rate of output_2 with a 95% interval, tokens, cost) and summary.png. Token
+counts are the endpoint's `usage` of the answers kept (attempts that were retried are not in
+them). The API key is read from the environment variable named by --api-key-env, nowhere else.
 """
 
 import argparse
