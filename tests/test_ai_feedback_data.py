@@ -14,7 +14,7 @@ from harness.run_logging import read_metrics
 from harness.serving import ModelBackend
 from harness.toy_task import toy_records
 from preference_datasets import get_dataset, load_examples
-from serving_helpers import ROOT, running_server
+from serving_helpers import ROOT, http, running_server, serve
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import ai_completions  # noqa: E402
@@ -113,6 +113,12 @@ def test_annotations_round_trip_into_prefs_dpo_training(tmp_path):
     run_dir = Path(train.run(cfg))
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r]
     assert [r["step"] for r in rows] == [16, 32] and "rewards_train/accuracies" in rows[-1]
+    # and the trained policy.pt is servable as is (base model from the run's config.yaml)
+    backends = serve.build_backends(serve.parse_args(["--model", f"dpo={run_dir}/LATEST/policy.pt"]))
+    with running_server(backends) as (_, url):
+        status, body = http(f"{url}/completions", {"model": "dpo", "prompt": examples[0].prompt,
+                                                   "max_tokens": 8})
+    assert status == 200 and body["choices"][0]["text"]
 
 
 def test_eval_ckpt_reports_a_pairwise_win_rate_without_alpaca_eval(tmp_path):
