@@ -265,31 +265,41 @@ class Batcher:
         self.queue.put((backend, prompts, params, future))
         return future
 
-    def _collect(self) -> list:
-        items = [self.queue.get()]
+    def close(self):
+        self.queue.put(None)  # the model thread finishes the work before it, then exits
+
+    def _collect(self) -> list | None:
+        first = self.queue.get()
+        if first is None:
+            return None
+        items = [first]
         deadline = time.monotonic() + self.wait_s
         while sum(len(i[1]) for i in items) < self.max_batch:
             try:
-                items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if item is None:
+                self.queue.put(None)  # stop after this batch
+                break
+            items.append(item)
         return items
 
     def _loop(self):
-        while True:
+        while (items := self._collect()) is not None:
             groups = {}
-            for item in self._collect():
+            for item in items:
                 groups.setdefault((id(item[0]), item[2]), []).append(item)
-            for (_, params), items in groups.items():
-                prompts = [p for item in items for p in item[1]]
+            for (_, params), group in groups.items():
+                prompts = [p for item in group for p in item[1]]
                 self.batches_run += 1
                 self.largest_batch = max(self.largest_batch, len(prompts))
                 try:
-                    outs = items[0][0].generate(prompts, params)
+                    outs = group[0][0].generate(prompts, params)
                 except Exception as e:  # noqa: BLE001 - report to every waiting request
-                    for item in items:
+                    for item in group:
                         item[3].set_exception(e)
                     continue
-                for item in items:
+                for item in group:
                     item[3].set_result(outs[:len(item[1])])
                     outs = outs[len(item[1]):]

@@ -287,6 +287,7 @@ def main(argv=None):
         pass
     finally:
         server.server_close()
+        server.batcher.close()
 
 
 if __name__ == "__main__":

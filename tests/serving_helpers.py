@@ -35,6 +35,7 @@ def running_server(backends: dict, **kwargs):
     finally:
         server.shutdown()
         server.server_close()
+        server.batcher.close()
 
 
 def http(url: str, body=None, raw: bytes | None = None, method=None):
