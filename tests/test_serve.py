@@ -171,3 +171,14 @@ def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one(server):
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     templated = ModelBackend("t", plain.model, tok)
     assert templated.chat_prompt(messages) == "<system>Be kind.<user>Hi<assistant>"
+
+
+def test_a_failing_model_answers_500_and_the_server_lives_on(server):
+    class Broken(ModelBackend):
+        def generate(self, prompts, params):
+            raise RuntimeError("CUDA out of memory (simulated)")
+    tiny = server[0].backends["tiny"]
+    with running_server({"broken": Broken("broken", tiny.model, tiny.tok), "tiny": tiny}) as (_, url):
+        status, body = http(f"{url}/completions", {"model": "broken", "prompt": "x", "max_tokens": 2})
+        assert status == 500 and "CUDA out of memory" in body["error"]["message"]
+        assert http(f"{url}/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})[0] == 200
