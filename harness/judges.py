@@ -71,13 +71,14 @@ class JudgeTemplate:
             [{"role": "user", "content": user}]
 
     def parse_user(self, text: str) -> dict | None:
-        """Recover {instruction, output_a, output_b} from a rendered user message (None if the
-        text was not made from this template); the server's scripted judge uses it."""
+        """Recover {instruction, output_a, output_b} from a rendered user message, found
+        anywhere in `text` (a completions prompt has the system text around it); None if the
+        text was not made from this template. The server's scripted judge uses it."""
         pattern, pos = "", 0
         for m in re.finditer("|".join(map(re.escape, PLACEHOLDERS)), self.user):
             pattern += re.escape(self.user[pos:m.start()]) + f"(?P<{m.group(0)[1:-1]}>.*)"
             pos = m.end()
-        match = re.fullmatch(pattern + re.escape(self.user[pos:]), text, flags=re.DOTALL)
+        match = re.search(pattern + re.escape(self.user[pos:]), text, flags=re.DOTALL)
         return match.groupdict() if match else None
 
 

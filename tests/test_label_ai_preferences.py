@@ -45,11 +45,13 @@ def llm_args(url, *extra):
             "toy", "--concurrency", "4", *FAST_RETRY, *extra]
 
 
-@pytest.mark.parametrize("verdict", ["text", "logprobs"])
-def test_llm_judge_end_to_end_agrees_with_the_gold_reward(tmp_path, verdict):
+@pytest.mark.parametrize("endpoint, verdict", [("chat", "text"), ("chat", "logprobs"),
+                                               ("completions", "text"), ("completions", "logprobs")])
+def test_llm_judge_end_to_end_agrees_with_the_gold_reward(tmp_path, endpoint, verdict):
     samples = write_samples(tmp_path / "s.jsonl", 24)
     with running_server({"judge": toy_judge()}) as (_, url):
-        summary = label([samples], tmp_path / "out", *llm_args(url, "--verdict", verdict))
+        summary = label([samples], tmp_path / "out", *llm_args(url, "--verdict", verdict,
+                                                                "--endpoint", endpoint))
     rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
     assert len(rows) == 24 and {r["annotator"] for r in rows} == {"llm:judge"}
     for row in rows:  # the served judge reads the gold reward; both orders recover its sign
