@@ -1,0 +1,50 @@
+"""Start scripts/serve.py's server in-process on 127.0.0.1:0 (real HTTP) for the tests."""
+
+import contextlib
+import importlib.util
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from harness.judges import load_template
+from harness.serving import Batcher, ScriptedJudge
+from harness.toy_task import get_gold_reward
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("serve", ROOT / "scripts" / "serve.py")
+serve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve)
+
+
+def toy_judge(name="judge"):
+    return ScriptedJudge(name, get_gold_reward("toy"), load_template("toy"))
+
+
+@contextlib.contextmanager
+def running_server(backends: dict, **kwargs):
+    """Yield (server, base_url) of a server on a free loopback port; shut it down after."""
+    server = serve.Server(("127.0.0.1", 0), backends, Batcher(kwargs.pop("max_batch", 16),
+                                                              kwargs.pop("wait_s", 0.05)),
+                          quiet=True, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.batcher.close()
+
+
+def http(url: str, body=None, raw: bytes | None = None, method=None):
+    """(status, parsed JSON) of one request; error statuses are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

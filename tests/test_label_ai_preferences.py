@@ -1,0 +1,196 @@
+"""The labeller end to end against the real server on loopback: LLM and gold judges, faults,
+resume after SIGKILL, unmatched prompts, and annotations.json back into DPO training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.toy_task import get_gold_reward, toy_records
+from harness.sample_files import prompt_of, sample_row
+from serving_helpers import ROOT, running_server, serve, toy_judge  # noqa: F401
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import label_ai_preferences as labeller  # noqa: E402
+
+GOLD = get_gold_reward("toy")
+FAST_RETRY = ["--backoff", "0.01", "--backoff-max", "0.05"]
+
+
+def write_samples(path: Path, n: int, split="train") -> Path:
+    """A one-file sample set: the toy task's two base responses per prompt."""
+    with open(path, "w") as f:
+        for prompt, rec in toy_records(split, n).items():
+            f.write(json.dumps(sample_row(prompt, rec["responses"], "toy-base", {})) + "\n")
+    return path
+
+
+def gold_sign(row) -> int:
+    prompt = prompt_of(row["instruction"])
+    diff = GOLD(prompt, " " + row["output_2"]) - GOLD(prompt, " " + row["output_1"])
+    return (diff > 0) - (diff < 0)
+
+
+def label(samples, out_dir, *extra):
+    return labeller.main(["--samples", *map(str, samples), "--out-dir", str(out_dir), *extra])
+
+
+def llm_args(url, *extra):
+    return ["--judge", "llm", "--judge-base-url", url, "--judge-model", "judge", "--template",
+            "toy", "--concurrency", "4", *FAST_RETRY, *extra]
+
+
+@pytest.mark.parametrize("endpoint, verdict", [("chat", "text"), ("chat", "logprobs"),
+                                               ("completions", "text"), ("completions", "logprobs")])
+def test_llm_judge_end_to_end_agrees_with_the_gold_reward(tmp_path, endpoint, verdict):
+    samples = write_samples(tmp_path / "s.jsonl", 24)
+    with running_server({"judge": toy_judge()}) as (_, url):
+        summary = label([samples], tmp_path / "out", *llm_args(url, "--verdict", verdict,
+                                                                "--endpoint", endpoint))
+    rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert len(rows) == 24 and {r["annotator"] for r in rows} == {"llm:judge"}
+    for row in rows:  # the served judge reads the gold reward; both orders recover its sign
+        assert (row["preference"] > 1.5) - (row["preference"] < 1.5) == gold_sign(row)
+    gold_ties = sum(gold_sign(r) == 0 for r in rows)
+    # on a gold tie the scripted judge says "A" in both orders: a disagreement, counted as a tie
+    assert summary["order_disagreements"] == gold_ties == summary["win_rate_output_2"]["ties"]
+    assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] == 48
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 48 and {json.loads(x)["unit"] for x in lines} == {"ab", "ba"}
+    assert (tmp_path / "out" / "summary.png").stat().st_size > 0
+
+
+def test_gold_judge_labels_without_a_server(tmp_path):
+    samples = write_samples(tmp_path / "s.jsonl", 20)
+    summary = label([samples], tmp_path / "out", "--judge", "gold:toy")
+    rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert all(r["preference"] == 1.5 + 0.5 * gold_sign(r) for r in rows)
+    assert summary["win_rate_output_2"]["n"] == 20 and summary["cost_usd"] == 0
+
+
+def test_faults_are_retried_and_permanent_failures_listed(tmp_path):
+    samples = write_samples(tmp_path / "s.jsonl", 5)
+    broken = next(json.loads(x)["instruction"] for x in open(samples))
+    faults = ["429", "500", "hang", "close", "garbage", "empty"]
+    with running_server({"judge": toy_judge()}, faults=faults, fail_always=broken,
+                        hang_s=2.0) as (srv, url):
+        summary = label([samples], tmp_path / "out",
+                        *llm_args(url, "--max-attempts", "7", "--timeout", "0.5"))
+    # 4 good pairs x 2 orders met every fault once, then an answer; the broken pair's 2 orders
+    # got 7 x 500 each and were given up
+    assert srv.faults_served == {"429": 8, "500": 8 + 14, "hang": 8, "close": 8, "garbage": 8,
+                                 "empty": 8}
+    assert summary["this_run"] == {"done": 8, "failed": 2, "retries": 8 * 6 + 2 * 6}
+    rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    failed = [r for r in rows if r["preference"] is None]
+    assert [r["instruction"] for r in failed] == [broken]  # never guessed
+    assert all(gold_sign(r) * (r["preference"] - 1.5) > 0 or gold_sign(r) == 0
+               for r in rows if r["preference"] is not None)
+    assert [f["pair_id"] for f in summary["failed_items"]] == [failed[0]["pair_id"]]
+    assert "HTTP 500" in summary["failed_items"][0]["last_error"]
+    assert summary["win_rate_output_2"]["failed"] == 1
+
+
+def test_failed_units_stay_failed_until_retried(tmp_path):
+    samples = write_samples(tmp_path / "s.jsonl", 3)
+    with running_server({"judge": toy_judge()}, faults=["429", "500", "close", "garbage"]) as (_, url):
+        first = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
+        assert first["this_run"]["failed"] == 6 and first["win_rate_output_2"]["failed"] == 3
+        again = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
+        assert again["this_run"] == {"done": 0, "failed": 0, "retries": 0}
+        retried = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3",
+                                                                "--retry-failed"))
+    assert retried["this_run"]["done"] == 6 and retried["win_rate_output_2"]["n"] == 3
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 12  # append-only
+
+
+def test_unmatched_prompts_are_reported_not_silently_matched(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = [json.loads(x) for x in open(write_samples(tmp_path / "s.jsonl", 6))]
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(ValueError, match="1 only in the first, 1 only in the second"):
+        label([a, b], tmp_path / "out", "--judge", "gold:toy")
+    summary = label([a, b], tmp_path / "out", "--judge", "gold:toy", "--allow-unmatched")
+    assert summary["pairs"] == 4 and summary["unmatched_prompts"]["only_in_first"] == 1
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigkill_mid_run_then_restart_loses_duplicates_and_relabels_nothing(tmp_path):
+    samples = write_samples(tmp_path / "s.jsonl", 20)
+    results = tmp_path / "out" / "results.jsonl"
+    with running_server({"judge": toy_judge()}, delay_s=0.1) as (srv, url):
+        cmd = [sys.executable, str(ROOT / "scripts" / "label_ai_preferences.py"), "--samples",
+               str(samples), "--out-dir", str(tmp_path / "out"), *llm_args(url)]
+        cmd[cmd.index("--concurrency") + 1] = "2"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while len(_lines(results)) < 10 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.3)  # let the killed run's in-flight requests reach the server's counter
+        before = _lines(results)
+        assert 10 <= len(before) < 40, "the kill must land mid-run"
+        requests_before = sum(srv.requests_per_body.values())
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = _lines(results)
+        requests = sum(srv.requests_per_body.values())
+    assert f"{len(before)} already in" in done.stdout and f"{40 - len(before)} to do" in done.stdout
+    assert after[:len(before)] == before                       # nothing lost or rewritten
+    keys = [json.loads(x)["key"] for x in after]
+    assert len(after) == 40 and len(set(keys)) == 40          # nothing duplicated
+    assert requests - requests_before == 40 - len(before)     # nothing relabelled
+    assert all(json.loads(x)["status"] == "ok" for x in after)
+    assert sum(r["preference"] is not None
+               for r in json.loads((tmp_path / "out" / "annotations.json").read_text())) == 20
+
+
+def test_reward_model_checkpoint_labels_by_its_scores(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from harness.reward_model import RewardFunction
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"local_dirs=[{tmp_path}]", "loss=reward", "n_examples=32", "batch_size=16",
+            "n_eval_examples=16", "wandb.enabled=false", "eval_every=1000000"])
+    run_dir = train.run(cfg)
+    samples = write_samples(tmp_path / "s.jsonl", 8)
+    label([samples], tmp_path / "out", "--judge", f"reward_model:{run_dir}")
+    rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    fn = RewardFunction(run_dir)
+    for row in rows:
+        r1, r2 = fn([prompt_of(row["instruction"])] * 2, [" " + row["output_1"], " " + row["output_2"]])
+        assert row["preference"] == (2.0 if r2 > r1 else 1.0 if r1 > r2 else 1.5)
+        assert row["annotator"] == f"reward_model:{run_dir}"
+
+
+def test_api_key_comes_from_the_environment_and_is_never_written(tmp_path, monkeypatch):
+    secret = "sk-test-4f9a0c7e-never-write-me"
+    samples = write_samples(tmp_path / "s.jsonl", 3)
+    with running_server({"judge": toy_judge()}, api_key=secret) as (_, url):
+        monkeypatch.setenv("MY_JUDGE_KEY", secret)
+        ok = label([samples], tmp_path / "ok", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+        monkeypatch.setenv("MY_JUDGE_KEY", "sk-wrong")
+        bad = label([samples], tmp_path / "bad", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+    assert ok["win_rate_output_2"]["n"] == 3
+    # 401 is not retried: another attempt cannot fix a wrong key
+    assert bad["this_run"] == {"done": 0, "failed": 6, "retries": 0}
+    assert "HTTP 401" in bad["failed_items"][0]["last_error"]
+    for path in [*(tmp_path / "ok").iterdir(), *(tmp_path / "bad").iterdir()]:
+        assert secret.encode() not in path.read_bytes()
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(ValueError, match="MY_JUDGE_KEY is not set"):
+        label([samples], tmp_path / "x", *llm_args("http://127.0.0.1:9/v1", "--api-key-env",
+                                                     "MY_JUDGE_KEY"))
