@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from harness import checkpoints, distributed, lora, parallel, reference_cache
+from harness import checkpoints, distributed, lora, parallel, reference_cache, schedule
 from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
 from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logps
 from harness.packing import pack
@@ -278,20 +278,13 @@ class BasicTrainer:
         self.prepare_reference()
         per_epoch = len(self.train_batches.examples) if not cfg.drop_last else \
             len(self.train_batches) * cfg.batch_size
-        total = cfg.n_epochs * per_epoch if cfg.n_epochs else math.inf
-        if cfg.n_examples:
-            total = min(total, cfg.n_examples)
+        total = schedule.total_examples(cfg, per_epoch)
         bar = tqdm(total=total, initial=st.examples, unit="ex", desc="train", dynamic_ncols=True,
                    disable=not self.is_main)
         last_log = 0.0
         while st.examples < total:
             for batch in self.train_batches.epoch_batches(st.epoch, st.epoch_offset):
-                if st.examples >= st.next_eval:
-                    self.evaluate()
-                    while st.next_eval <= st.examples:
-                        st.next_eval += cfg.eval_every
-                    if cfg.save_every is None and st.examples > 0:
-                        self.save()
+                schedule.evaluate_if_due(self)
                 metrics = self.train_step(batch)
                 bar.update(len(batch["uid"]))
                 bar.set_postfix(loss=f"{metrics['loss/train']:.4f}")
@@ -306,11 +299,7 @@ class BasicTrainer:
                 if st.examples >= total:
                     break
         bar.close()
-        if st.last_eval != st.examples:
-            self.evaluate()
-        if st.last_save != st.examples:
-            self.save()
-        self.logger.close()
+        schedule.finish(self)
 
     def _save_due(self, batch_examples: int) -> bool:
         """save_every=N: when the example count crosses a multiple of N; epoch_N: at the end of
@@ -320,7 +309,7 @@ class BasicTrainer:
             return st.epoch_offset == 0 and st.epoch % int(every[len("epoch_"):]) == 0
         if not every:
             return False
-        return st.examples // every > (st.examples - batch_examples) // every
+        return schedule.crossed_multiple(every, st.examples, batch_examples)
 
     def micro_batches(self, batch) -> list[tuple[dict, int]]:
         """This rank's (micro-batch, real examples): the batch is split into

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import losses
-from harness import checkpoints
+from harness import checkpoints, schedule
 from harness.objectives import LossSpec, register_loss
 from harness import reward_model as rm  # a module: the loss table imports both in turn
 from harness.rollout import (critic_values, encode_prompts, fill, generate, policy_logprobs)
@@ -327,36 +327,25 @@ class PPOTrainer:
     def train(self):
         cfg, st = self.cfg, self.state
         per_epoch = self.prompt_order.examples_per_epoch
-        total = cfg.n_epochs * per_epoch if cfg.n_epochs else math.inf
-        if cfg.n_examples:
-            total = min(total, cfg.n_examples)
+        total = schedule.total_examples(cfg, per_epoch)
         bar = tqdm(total=total, initial=st.examples, unit="prompt", desc="ppo", dynamic_ncols=True)
         while st.examples < total:
             for examples in self.prompt_batches(st.epoch, st.epoch_offset):
-                if st.examples >= st.next_eval:
-                    self.evaluate()
-                    while st.next_eval <= st.examples:
-                        st.next_eval += cfg.eval_every
-                    if cfg.save_every is None and st.examples > 0:
-                        self.save()
+                schedule.evaluate_if_due(self)
                 stats = self.ppo_step(examples)
                 self.logger.log(stats, st.examples)
                 bar.update(len(examples))
                 bar.set_postfix(score=f"{stats['rewards_train/score']:.3f}",
                                 kl=f"{stats['kl_train/kl']:.2f}")
                 if isinstance(cfg.save_every, int) and cfg.save_every > 0 and \
-                        st.examples // cfg.save_every > (st.examples - len(examples)) // cfg.save_every:
+                        schedule.crossed_multiple(cfg.save_every, st.examples, len(examples)):
                     self.save()
                 if st.examples >= total:
                     break
             if st.epoch_offset >= per_epoch or st.examples < total:
                 st.epoch, st.epoch_offset = st.epoch + 1, 0
         bar.close()
-        if st.last_eval != st.examples:
-            self.evaluate()
-        if st.last_save != st.examples:
-            self.save()
-        self.logger.close()
+        schedule.finish(self)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, name: str | None = None):

@@ -1,0 +1,42 @@
+"""When a training loop stops, evaluates and saves: one schedule for the offline loop
+(trainers.BasicTrainer) and the PPO rollout loop (harness.ppo), both counting examples.
+
+A loop passes itself as `trainer`: it has .cfg, .state (examples, next_eval, last_eval,
+last_save), .evaluate(), .save() and .logger."""
+
+import math
+
+
+def total_examples(cfg, per_epoch: int) -> float:
+    """Examples to train on: n_epochs epochs of `per_epoch`, capped at n_examples."""
+    total = cfg.n_epochs * per_epoch if cfg.n_epochs else math.inf
+    return min(total, cfg.n_examples) if cfg.n_examples else total
+
+
+def evaluate_if_due(trainer):
+    """Evaluate once the example count reaches next_eval (eval_every apart, as the reference
+    counts examples, not steps); with save_every=null each evaluation after the first step
+    also writes a checkpoint."""
+    cfg, st = trainer.cfg, trainer.state
+    if st.examples < st.next_eval:
+        return
+    trainer.evaluate()
+    while st.next_eval <= st.examples:
+        st.next_eval += cfg.eval_every
+    if cfg.save_every is None and st.examples > 0:
+        trainer.save()
+
+
+def crossed_multiple(every: int, examples: int, batch_examples: int) -> bool:
+    """Whether the last batch took the example count across a multiple of `every`."""
+    return examples // every > (examples - batch_examples) // every
+
+
+def finish(trainer):
+    """A last evaluation and checkpoint at the final count (unless one just happened)."""
+    st = trainer.state
+    if st.last_eval != st.examples:
+        trainer.evaluate()
+    if st.last_save != st.examples:
+        trainer.save()
+    trainer.logger.close()
