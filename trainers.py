@@ -142,11 +142,18 @@ class BasicTrainer:
                             enabled=cfg.amp_dtype is not None):
             return self._forward(model, batch, cfg, paired)
 
+    def packed(self, batch):
+        """The batch as packed rows when packing or prefix sharing applies, else None."""
+        cfg, paired = self.cfg, self.spec.paired
+        if not (cfg.packing or (cfg.prefix_sharing and paired)):
+            return None
+        return pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
+                    row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,
+                    pad_token_id=self.tokenizer.pad_token_id)
+
     def _forward(self, model, batch, cfg, paired):
-        if cfg.packing or (cfg.prefix_sharing and paired):
-            packed = pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
-                          row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,
-                          pad_token_id=self.tokenizer.pad_token_id)
+        packed = self.packed(batch)
+        if packed is not None:
             logps, n = self.logps(model, packed_sequence_logps, packed.to(self.device))
         else:
             logps, n = self._padded_logps(model, batch)

@@ -284,11 +284,9 @@ def run_ours(spec: dict) -> dict:
 def positions_per_forward(trainer, batch) -> int:
     """Token positions our forward really computes: packed rows, or the padded [2B, T] batch
     (chosen and rejected padded to one length; SFT [B, T])."""
-    cfg, paired = trainer.cfg, trainer.spec.paired
-    if cfg.packing or (cfg.prefix_sharing and paired):
-        from harness.packing import pack
-        return pack(batch, paired, cfg.prefix_sharing and paired,
-                    (cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0).input_ids.numel()
+    packed = trainer.packed(batch)
+    if packed is not None:
+        return packed.input_ids.numel()
     masks = [k for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
     return len(masks) * len(batch["uid"]) * max(batch[k].shape[1] for k in masks)
 
