@@ -150,7 +150,7 @@ def test_every_shipped_set_parses_with_every_order():
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (["loss.feedback_set=nope"], ValueError, r"'nope'.*\['dialogue', 'qa', 'summary'\]"),
+    (["loss.feedback_set=nope"], ValueError, r"'nope'.*\['dialogue', 'helpful', 'qa', 'summary'\]"),
     (["+loss.feedback_sets.x={pairs:[{positive:' Good:',negative:' Bad:{answer}'}]}",
       "loss.feedback_set=x"], ValueError, r"loss.feedback_sets.x.pairs\[0\].positive.*no answer slot"),
     (["+loss.feedback_sets.x={pairs:[{positive:' Good:{answer} ok',negative:' Bad:{answer}'}]}",

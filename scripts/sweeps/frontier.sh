@@ -36,6 +36,8 @@ done
 # so its points are points of the full frontier.
 SFT_ARGS="n_epochs=20"
 PREF_ARGS="n_epochs=2"
+COH_EPOCHS="n_epochs=10"
+COH_ARGS="$COH_EPOCHS loss.feedback_set=helpful loss.chain_weights.negative_positive=0"
 EVAL_ARGS="--n-prompts 200"
 if [ "$MODE" = full ]; then
   OUT=${OUT:-.cache/frontier}
@@ -60,8 +62,13 @@ METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
   "ipo|loss=ipo loss.beta=$BETAS_IPO $PREF_ARGS"
   "cdpo|loss=dpo loss.label_smoothing=0.2 loss.beta=$BETAS_DPO $PREF_ARGS"
-  # Chain of Hindsight; evaluate.py samples it with its positive phrase (read from its run config)
-  "coh|loss=coh $PREF_ARGS"
+  # Chain of Hindsight; evaluate.py samples it with its positive phrase (read from its run config).
+  # The tiny model learns the phrase's effect only from one wording with the helpful answer first
+  # (docs/frontier.md), and needs more epochs than the contrastive losses.
+  "coh|loss=coh $COH_ARGS"
+  # control: SFT continued for as many epochs as CoH trains, so "CoH over SFT" can be told apart
+  # from "more training on the same chosen answers"
+  "sft_continued|loss=sft $COH_EPOCHS"
   "ppo|+preset=ppo_toy loss.reward_model=$RM $PPO_ARGS"
 )
 
