@@ -68,11 +68,8 @@ def check_config(cfg: DictConfig, world_size: int = 1):
 
 def check_batch_split(cfg: DictConfig, world_size: int):
     """batch_size must split evenly into micro-batches and those over the data-parallel ranks."""
-    tp = (cfg.trainer.get("tp_size") or world_size) if cfg.trainer.name == \
-        "TensorParallelTrainer" else 1
-    if world_size % tp:
-        raise ValueError(f"trainer.tp_size={tp} does not divide the {world_size} ranks")
-    dp, accum = world_size // tp, cfg.gradient_accumulation_steps
+    dp = world_size // distributed.tensor_parallel_size(cfg, world_size)
+    accum = cfg.gradient_accumulation_steps
     if cfg.batch_size % (accum * dp):
         good = (cfg.batch_size // (accum * dp) + 1) * accum * dp
         raise ValueError(

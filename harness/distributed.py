@@ -35,6 +35,17 @@ def planned_world_size(cfg) -> int:
     return max(1, processes_to_spawn(cfg))
 
 
+def tensor_parallel_size(cfg, world: int) -> int:
+    """Ranks per tensor-parallel group: trainer.tp_size (null = all ranks) with
+    trainer=TensorParallelTrainer, else 1. The data-parallel ranks are world // this."""
+    if cfg.trainer.name != "TensorParallelTrainer":
+        return 1
+    tp = cfg.trainer.get("tp_size") or world
+    if world % tp:
+        raise ValueError(f"trainer.tp_size={tp} does not divide the {world} ranks")
+    return tp
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
