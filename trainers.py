@@ -10,7 +10,6 @@ harness/parallel.py and the launch in harness/distributed.py.
 
 import inspect
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -362,9 +361,7 @@ class BasicTrainer(SingleProcess):
     def write_extras(self, name, ckpt_dir, state: dict, policy_state: dict):
         """Files beside policy.pt, inside the same atomic checkpoint dir: the shards, the LoRA
         adapters, the loss's own files, the Hugging Face export (adapters merged)."""
-        staged = checkpoints.staging_dir(self.run_dir, name)
-        if staged.exists():
-            os.replace(staged, ckpt_dir / checkpoints.SHARDED)
+        checkpoints.adopt_shards(self.run_dir, name, ckpt_dir)
         if lora.is_lora(self.policy):
             lora.save_adapter(self.policy, state, ckpt_dir / checkpoints.ADAPTER)
         if self.spec.checkpoint_files is not None:  # the loss's own files (reward statistics)
