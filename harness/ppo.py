@@ -11,41 +11,32 @@ with it; a response without EOS gets `no_eos_penalty` instead) -> per-token rewa
 (whitened) and returns -> `ppo_epochs` passes over shuffled minibatches with the clipped policy
 and value losses -> adapt kl_coef. The actor is model.* (the SFT policy), the reference a frozen
 copy of it, the critic a copy of the reward model (value head initialised from the reward
-head). Dropout stays off in every model.
+head); with model.lora.r the reference and the reward model are the LoRA actor and critic with
+adapters disabled (harness/ppo_models.py: building, wrapping, checkpoints). Dropout stays off.
 
-model.lora.r: the actor gets LoRA adapters and the reference is the actor with them disabled;
-the critic gets its own adapters on the reward model's backbone and a trained copy of its head,
-and the reward model is the critic with adapters disabled (two models in memory, not four).
-
-trainer=FSDPTrainer / TensorParallelTrainer wrap all four models alike (frozen ones sharded too:
-a replicated copy would cost each rank a whole model). Each data-parallel rank samples its
-share of the prompts (keyed sampling: the same responses as one process would draw), then every
-rank holds the whole rollout, so advantages are whitened over the global batch; each minibatch
-is split over the ranks with its loss weighted by tokens, so the gradient and the logged
-statistics are those of one process with the same global batch.
-
-Checkpoints: policy.pt (the actor, LoRA merged: loadable as model.archive anywhere),
-critic.pt (the critic; with LoRA its adapters and head only), optimizer.pt, scheduler.pt,
-trainer_state.pt, adapter/ (LoRA), sharded/ (distributed trainers), hf/ (export_hf=true).
+trainer=FSDPTrainer / TensorParallelTrainer wrap all four models. Each data-parallel rank samples
+its share of the prompts (keyed sampling: the responses one process would draw), then every rank
+holds the whole rollout, so advantages are whitened over the global batch; each minibatch is
+split over the ranks with its loss weighted by tokens, so the gradient and the logged statistics
+are those of one process with the same global batch.
 """
 
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import losses
-from harness import checkpoints, distributed, lora, schedule
-from harness.modeling import save_hf_model
+from harness import checkpoints, distributed, schedule
 from harness.objectives import LossSpec, register_loss
 from harness import reward_model as rm  # a module: the loss table imports both in turn
 from harness.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
                              policy_logprobs)
 from harness.run_logging import NullLogger, RunLogger
+from harness.ppo_models import PPOModels
 from harness.sharded_training import ShardedModels, SingleProcess
 from preference_datasets import BatchIterator, load_examples
 
@@ -106,11 +97,16 @@ class PPOState:
     last_eval: int = -1
 
 
+def rollout_seed(seed: int, rollout: int) -> int:
+    """The sampling seed of a rollout (rollout -1: evaluations); rows are keyed within it."""
+    return seed * 1_000_003 + rollout
+
+
 class TrainingDiverged(FloatingPointError):
     pass
 
 
-class PPOTrainer(SingleProcess):
+class PPOTrainer(PPOModels, SingleProcess):
     """The rollout loop in one process (trainer=BasicTrainer); ShardedPPOTrainer runs it on
     sharded models. Constructed like the offline trainers (train.py picks it via the loss table)."""
 
@@ -141,27 +137,6 @@ class PPOTrainer(SingleProcess):
             config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
             config.exp_name, resume_step=self.state.examples if resume else None,
             evaluated_at_resume=self.state.last_eval == self.state.examples)
-
-    def _build_models(self, policy, reference):
-        """Actor, reference, critic and reward model, each wrapped for this trainer (the LoRA
-        reference and reward model are the actor and critic themselves, wrapped once)."""
-        path = self.opts.reward_model
-        reward_model, _, self.rm_meta = rm.load_reward_model(path, on_meta=not self.is_main)
-        rm.check_same_tokenizer(self.rm_meta, self.tokenizer, f"loss.reward_model={path}")
-        reward_model.to(next(policy.parameters()).device).requires_grad_(False)
-        if lora.enabled(self.cfg.model):  # adapters on the backbone, the value head trained whole
-            critic = reward_model = lora.apply_lora(reward_model, self.cfg.model.lora, "score")
-        else:
-            critic = copy.deepcopy(reward_model).requires_grad_(True)
-        self.policy, self.critic = self.wrap(policy), self.wrap(critic)
-        self.reference = self.policy if reference is policy else self.wrap(
-            reference.requires_grad_(False), train=False)
-        self.reward_model = self.critic if reward_model is critic else self.wrap(
-            reward_model, train=False)
-        for model in (self.policy, self.reference, self.critic, self.reward_model):
-            model.eval()  # dropout off everywhere: rollout and update see the same function
-        self.trained = torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
-        self.critic_keys = {k for k, p in self.critic.named_parameters() if p.requires_grad}
 
     # ---- data ---------------------------------------------------------------------------------
     def _load_prompts(self):
@@ -241,7 +216,7 @@ class PPOTrainer(SingleProcess):
         """Rollout, advantages over the whole batch (every rank holds it), update."""
         o, st = self.opts, self.state
         start = time.time()
-        batch = self.rollout(examples, seed=self.cfg.seed * 1_000_003 + st.rollouts)
+        batch = self.rollout(examples, seed=rollout_seed(self.cfg.seed, st.rollouts))
         self.check_finite({"rewards_train/score": batch.scores, "ppo/values": batch.values,
                            "ppo/logprobs": batch.logprobs})
         rewards, kl, scores = self.token_rewards(batch)
@@ -354,8 +329,8 @@ class PPOTrainer(SingleProcess):
         size = self.cfg.eval_batch_size
         for i in range(0, len(self.eval_examples), size):
             # keyed by prompt: every evaluation samples with the same noise, whatever the ranks
-            batch = self.rollout(self.eval_examples[i:i + size], seed=self.cfg.seed * 1_000_003
-                                 - 1, first_key=i)  # (a seed no training rollout uses)
+            batch = self.rollout(self.eval_examples[i:i + size],
+                                 seed=rollout_seed(self.cfg.seed, -1), first_key=i)
             scores.append(batch.scores)
             kls.append((losses.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1")
                         * batch.mask).sum(-1))
@@ -398,60 +373,6 @@ class PPOTrainer(SingleProcess):
                     break
         bar.close()
         schedule.finish(self)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, name: str | None = None):
-        """Collective (every rank gathers and writes its shards); rank 0 writes the files."""
-        if self.cfg.debug:
-            return
-        st = self.state
-        name = name or f"step-{st.examples}"
-        policy, critic = self.full_state(self.policy), self.full_state(self.critic)
-        optimizer_state = self.optimizer_state_dict()
-        self.save_shards(name)
-        if self.is_main:
-            merged = lora.merged_state(policy, self.cfg.model.lora) \
-                if lora.is_lora(self.policy) else policy
-            if lora.is_lora(self.critic):  # its frozen part is loss.reward_model itself
-                critic = {k: v for k, v in critic.items() if k in self.critic_keys}
-            path = checkpoints.save_checkpoint(
-                self.run_dir, name, st.examples, {"examples": st.examples}, merged,
-                optimizer_state, self.scheduler.state_dict(),
-                {"ppo_state": asdict(st), "rng": checkpoints.rng_state()},
-                lambda d: self.write_extras(name, d, policy, merged, critic))
-            checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-            print(f"saved {path}")
-        distributed.barrier()
-        st.last_save = st.examples
-
-    def write_extras(self, name, ckpt_dir, policy: dict, merged: dict, critic: dict):
-        """critic.pt, and as the offline loop writes them: sharded/, adapter/, hf/."""
-        checkpoints.adopt_shards(self.run_dir, name, ckpt_dir)
-        torch.save({"step_idx": self.state.examples, "state": critic}, ckpt_dir / "critic.pt")
-        if lora.is_lora(self.policy):
-            lora.save_adapter(self.policy, policy, ckpt_dir / checkpoints.ADAPTER)
-        if self.cfg.export_hf:
-            save_hf_model(lora.causal_lm(self.policy).config, merged, ckpt_dir / "hf")
-            self.tokenizer.save_pretrained(ckpt_dir / "hf")
-
-    def _restore(self, resume: dict):
-        self.load_training_state(resume)
-        self.scheduler.load_state_dict(resume["scheduler"]["state"])
-        self.state = PPOState(**resume["trainer"]["ppo_state"])
-        checkpoints.set_rng_state(resume["trainer"]["rng"])
-        print(f"resumed from {resume['dir']} at {self.state.examples} prompts")
-
-    def load_training_state(self, resume: dict):
-        """The actor (or its adapters) and optimizer, then the critic from critic.pt."""
-        super().load_training_state(resume)
-        state = torch.load(f"{resume['dir']}/critic.pt", map_location="cpu",
-                           weights_only=True)["state"]
-        missing, unexpected = self.critic.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k in self.critic_keys]
-        if missing or unexpected:
-            raise ValueError(f"{resume['dir']}/critic.pt does not match the critic (model.lora "
-                             f"changed?): missing {missing[:3]}, unexpected {unexpected[:3]}")
-
 
 class ShardedPPOTrainer(ShardedModels, PPOTrainer):
     """The rollout loop with trainer=FSDPTrainer or TensorParallelTrainer: the same loop, its
