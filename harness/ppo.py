@@ -191,9 +191,9 @@ class PPOTrainer(PPOModels, SingleProcess):
                     self.reference, self.critic, self.reward_model, o.temperature,
                     o.mini_batch_size)
         for key in ("logprobs", "ref_logprobs", "values", "scores"):
-            mine = getattr(part, key)[:n]
-            setattr(batch, key, mine if distributed.world_size() == 1 else
-                    torch.cat(self.gather([mine.cpu()])).to(self.device))
+            scored = getattr(part, key)[:n]
+            setattr(batch, key, scored if distributed.world_size() == 1 else
+                    torch.cat(self.gather([scored.cpu()])).to(self.device))
         return batch
 
     # ---- rewards and advantages -----------------------------------------------------------------
@@ -395,6 +395,10 @@ def check(cfg, world_size: int):
     if cfg.batch_size % o.mini_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} (prompts per rollout) must be a "
                          f"multiple of loss.mini_batch_size={o.mini_batch_size}")
+    if cfg.activation_checkpointing:
+        raise ValueError("activation_checkpointing=true has no effect with loss=ppo: its models "
+                         "stay in eval mode (dropout off), where transformers does not "
+                         "checkpoint; set activation_checkpointing=false")
     if o.mini_batch_size % dp:
         raise ValueError(f"loss.mini_batch_size={o.mini_batch_size} must be a multiple of the {dp}"
                          " data-parallel ranks (each takes an equal share of every minibatch)")
