@@ -281,12 +281,14 @@ class PPOTrainer(PPOModels, SingleProcess):
         terms = {"loss/total": loss, "loss/policy": pg_loss, "loss/value": vf_loss,
                  "ppo/clipfrac": clipfrac, "ppo/approxkl": approx_kl,
                  "ppo/value_clipfrac": vf_clipfrac, "ppo/entropy": entropy}
-        totals = distributed.sum_across_ranks([v.detach() * local for v in terms.values()] + [local])
+        totals = distributed.sum_across_ranks([v.detach() * local for v in terms.values()]
+                                              + [local])
         stats = {k: v / max(totals[-1], 1) for k, v in zip(terms, totals)}
         if first:  # ratio 1 up to numerics: how far from it (ppo/first_ratio_max_dev)
             dev = ((logprobs - mb.logprobs).exp() - 1).abs().mul(mb.mask).max()
             stats["ppo/first_ratio_max_dev"] = distributed.max_across_ranks(dev)
-        self.check_finite({"loss/total": stats.pop("loss/total"), "ppo/approxkl": stats["ppo/approxkl"]})
+        self.check_finite({"loss/total": stats.pop("loss/total"),
+                           "ppo/approxkl": stats["ppo/approxkl"]})
         if stats["ppo/approxkl"] > o.max_approx_kl:
             self.diverged("ppo/approxkl", stats["ppo/approxkl"],
                           f"> loss.max_approx_kl={o.max_approx_kl}")
@@ -313,11 +315,11 @@ class PPOTrainer(PPOModels, SingleProcess):
         """Save the current weights for inspection, then stop with the offending statistic."""
         name = f"diverged-{self.state.examples}"
         self.save(name)
+        saved = "not saved (debug=true)" if self.cfg.debug else f"saved in {self.run_dir}/{name}"
         raise TrainingDiverged(f"PPO stopped at rollout {self.state.rollouts} (after "
                                f"{self.state.examples} prompts, optimizer step "
-                               f"{self.state.steps}): {key}={value} {why}; weights saved in "
-                               f"{self.run_dir}/{name}. Lower lr, raise kl_coef, or check the "
-                               "reward model.")
+                               f"{self.state.steps}): {key}={value} {why}; weights {saved}. "
+                               "Lower lr, raise kl_coef, or check the reward model.")
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

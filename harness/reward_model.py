@@ -55,7 +55,8 @@ class RewardModel(nn.Module):
     def scalar(self, head_out: torch.Tensor) -> torch.Tensor:
         """Head outputs [..., 1 or K] -> scalar rewards [...] in float32."""
         head_out = head_out.float()
-        return losses.expected_rating(head_out) if self.n_bins else head_out[..., 0]
+        # a copy, not a view: FSDP hooks the outputs of a sharded root (PPO's critic) for backward
+        return losses.expected_rating(head_out) if self.n_bins else head_out[..., 0].clone()
 
     def head_at_last_token(self, input_ids, attention_mask) -> torch.Tensor:
         """Head outputs [B, 1 or K] at the last non-pad token."""
