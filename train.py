@@ -36,10 +36,10 @@ def check_config(cfg: DictConfig, world_size: int = 1):
                          f"(set them on the command line, e.g. {missing[0]}=...)")
     spec = get_loss_spec(cfg.loss.name)
     loss_kwargs(cfg.loss)
-    if spec.check is not None:
-        spec.check(cfg)
     if cfg.trainer.name not in TRAINERS:
         raise ValueError(f"unknown trainer={cfg.trainer.name!r}; choose one of {sorted(TRAINERS)}")
+    if spec.check is not None:
+        spec.check(cfg, world_size)
     if not isinstance(getattr(torch.optim, str(cfg.optimizer), None), type):
         raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class "
                          "(e.g. RMSprop, AdamW, Adam, SGD)")
@@ -68,11 +68,8 @@ def check_config(cfg: DictConfig, world_size: int = 1):
 
 def check_batch_split(cfg: DictConfig, world_size: int):
     """batch_size must split evenly into micro-batches and those over the data-parallel ranks."""
-    tp = (cfg.trainer.get("tp_size") or world_size) if cfg.trainer.name == \
-        "TensorParallelTrainer" else 1
-    if world_size % tp:
-        raise ValueError(f"trainer.tp_size={tp} does not divide the {world_size} ranks")
-    dp, accum = world_size // tp, cfg.gradient_accumulation_steps
+    dp = world_size // distributed.tensor_parallel_size(cfg, world_size)
+    accum = cfg.gradient_accumulation_steps
     if cfg.batch_size % (accum * dp):
         good = (cfg.batch_size // (accum * dp) + 1) * accum * dp
         raise ValueError(
@@ -127,7 +124,7 @@ def _run(cfg: DictConfig) -> str:
     from harness.objectives import get_loss_spec, load_policy, needs_reference
     from trainers import TRAINERS
     # the offline loop of trainer=..., unless the loss brings its own (PPO's rollout loop)
-    trainer_cls = get_loss_spec(cfg.loss.name).trainer or TRAINERS[cfg.trainer.name]
+    trainer_cls = (get_loss_spec(cfg.loss.name).trainer or TRAINERS)[cfg.trainer.name]
     sharded = getattr(trainer_cls, "sharded_checkpoints", False)
     resume = load_for_resume(cfg.resume, sharded) if cfg.resume else None
     OmegaConf.resolve(cfg)
@@ -143,7 +140,9 @@ def _run(cfg: DictConfig) -> str:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
-    archive = None if resume else cfg.model.archive  # a resumed run restores its own weights
+    # a resumed run restores its own weights, except a LoRA run's base: its checkpoints hold
+    # the adapters (sharded/ has everything, but only distributed trainers read it)
+    archive = cfg.model.archive if not resume or lora.enabled(cfg.model) else None
     # distributed trainers place (and shard) the model themselves, and only rank 0 reads the
     # weights: the others build the bare architecture and receive their shards from it
     device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None

@@ -10,7 +10,6 @@ harness/parallel.py and the launch in harness/distributed.py.
 
 import inspect
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -19,12 +18,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from harness import checkpoints, distributed, lora, parallel, reference_cache, schedule
+from harness import checkpoints, distributed, lora, reference_cache, schedule
 from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
 from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logps
 from harness.packing import pack
 from harness.run_logging import NullLogger, RunLogger
-from harness.sharded_training import DistributedMixin
+from harness.sharded_training import DistributedMixin, SingleProcess
 from preference_datasets import BatchIterator, ExampleFormat, load_examples
 
 
@@ -60,11 +59,7 @@ def make_optimizer(params, cfg):
     return cls(params, **kwargs)
 
 
-class BasicTrainer:
-    is_main = True      # this process logs and writes checkpoints
-    dp_size, dp_rank = 1, 0  # data-parallel ranks: each sees 1/dp_size of every batch
-    sharded_checkpoints = False
-
+class BasicTrainer(SingleProcess):
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
         self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
         self.spec = get_loss_spec(config.loss.name)
@@ -90,14 +85,10 @@ class BasicTrainer:
             config.exp_name, resume_step=self.state.examples if resume else None,
             evaluated_at_resume=self.state.last_eval == self.state.examples)
 
-    def wrap(self, model, train: bool = True):
-        """Apply parallelism to a loaded model (distributed trainers); here only activation
-        checkpointing and compiling, in torchtitan's order."""
-        if train and self.cfg.activation_checkpointing:
-            parallel.apply_ac(model)
-        if train and self.cfg.compile:
-            parallel.apply_compile(model, self.cfg.model.block_name)
-        return model
+    @property
+    def trained(self):
+        """The module the optimizer updates (harness/sharded_training.py)."""
+        return self.policy
 
     # ---- data -------------------------------------------------------------------------------
     def _load_data(self):
@@ -298,25 +289,12 @@ class BasicTrainer:
                 if time.time() - last_log >= cfg.minimum_log_interval_secs:
                     self.logger.log(metrics, st.examples)
                     last_log = time.time()
-                if st.epoch_offset >= per_epoch:
-                    st.epoch, st.epoch_offset = st.epoch + 1, 0
-                if self._save_due(len(batch["uid"])):
-                    self.save(f"epoch-{st.epoch}" if st.epoch_offset == 0 and
-                              str(cfg.save_every).startswith("epoch_") else None)
+                schedule.advance_epoch(st, per_epoch)
+                schedule.save_if_due(self, len(batch["uid"]))
                 if st.examples >= total:
                     break
         bar.close()
         schedule.finish(self)
-
-    def _save_due(self, batch_examples: int) -> bool:
-        """save_every=N: when the example count crosses a multiple of N; epoch_N: at the end of
-        every N-th epoch."""
-        every, st = self.cfg.save_every, self.state
-        if isinstance(every, str) and every.startswith("epoch_"):
-            return st.epoch_offset == 0 and st.epoch % int(every[len("epoch_"):]) == 0
-        if not every:
-            return False
-        return schedule.crossed_multiple(every, st.examples, batch_examples)
 
     def micro_batches(self, batch) -> list[tuple[dict, int]]:
         """This rank's (micro-batch, real examples): the batch is split into
@@ -359,10 +337,6 @@ class BasicTrainer:
                     "counters/examples": st.examples, "counters/updates": st.steps})
         return out
 
-    def clip_gradients(self) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                              self.cfg.max_grad_norm).item()
-
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, name: str | None = None):
         if self.cfg.debug:
@@ -370,7 +344,7 @@ class BasicTrainer:
         st = self.state
         name = name or f"step-{st.examples}"
         trainer_state = {"train_state": asdict(st), "rng": checkpoints.rng_state()}
-        state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
+        state, optimizer_state = self.full_state(self.policy), self.optimizer_state_dict()
         self.save_shards(name)
         if self.is_main:
             policy_state = lora.merged_state(state, self.cfg.model.lora) \
@@ -387,9 +361,7 @@ class BasicTrainer:
     def write_extras(self, name, ckpt_dir, state: dict, policy_state: dict):
         """Files beside policy.pt, inside the same atomic checkpoint dir: the shards, the LoRA
         adapters, the loss's own files, the Hugging Face export (adapters merged)."""
-        staged = checkpoints.staging_dir(self.run_dir, name)
-        if staged.exists():
-            os.replace(staged, ckpt_dir / checkpoints.SHARDED)
+        checkpoints.adopt_shards(self.run_dir, name, ckpt_dir)
         if lora.is_lora(self.policy):
             lora.save_adapter(self.policy, state, ckpt_dir / checkpoints.ADAPTER)
         if self.spec.checkpoint_files is not None:  # the loss's own files (reward statistics)
@@ -403,15 +375,6 @@ class BasicTrainer:
                 model.save_pretrained(ckpt_dir / "hf", safe_serialization=True)
             self.tokenizer.save_pretrained(ckpt_dir / "hf")
 
-    def policy_state_dict(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
-
-    def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def save_shards(self, name: str):
-        """Sharded checkpoint of model and optimizer (distributed trainers)."""
-
     def _restore(self, resume: dict):
         self.load_training_state(resume)
         self.scheduler.load_state_dict(resume["scheduler"]["state"])
@@ -419,27 +382,16 @@ class BasicTrainer:
         checkpoints.set_rng_state(resume["trainer"]["rng"])
         print(f"resumed from {resume['dir']} at {self.state.examples} examples")
 
-    def load_training_state(self, resume: dict):
-        """Weights (a LoRA run: its adapters on the freshly loaded base) and optimizer state."""
-        if checkpoints.ADAPTER in resume:
-            lora.load_adapter(self.policy, resume[checkpoints.ADAPTER])
-        else:
-            self.policy.load_state_dict(resume["policy"]["state"])
-        self.optimizer.load_state_dict(resume["optimizer"]["state"])
-
 
 class FSDPTrainer(DistributedMixin, BasicTrainer):
     """FSDP2: every block and the root sharded over all ranks (pure data parallelism); the
-    wrapping itself is parallel.parallelize, through DistributedMixin.wrap."""
+    wrapping itself is parallel.parallelize, through ShardedModels.wrap."""
 
 
 class TensorParallelTrainer(FSDPTrainer):
     """DTensor tensor parallelism over trainer.tp_size ranks (default: all of them), and FSDP
-    over the data-parallel dimension of the 2-D mesh when there are more ranks than that."""
-
-    @staticmethod
-    def tensor_parallel_size(config, world: int) -> int:
-        return config.trainer.tp_size or world
+    over the data-parallel dimension of the 2-D mesh when there are more ranks than that
+    (distributed.tensor_parallel_size reads the trainer config)."""
 
 
 TRAINERS = {cls.__name__: cls for cls in (BasicTrainer, FSDPTrainer, TensorParallelTrainer)}

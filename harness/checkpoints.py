@@ -132,6 +132,13 @@ def staging_dir(run_dir, name: str) -> Path:
     return Path(run_dir) / f".{name}.{SHARDED}-staging"
 
 
+def adopt_shards(run_dir, name: str, ckpt_dir: Path):
+    """Move the shards all ranks wrote for checkpoint `name` (if any) into its dir, sharded/."""
+    staged = staging_dir(run_dir, name)
+    if staged.exists():
+        os.replace(staged, ckpt_dir / SHARDED)
+
+
 def save_sharded(state: dict, path: Path):
     """Collective: each rank writes its own shards of `state` (DTensors) under `path`."""
     import torch.distributed.checkpoint as dcp

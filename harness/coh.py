@@ -348,4 +348,5 @@ def coh_step(trainer, batch, split: str):
 
 register_loss("coh", LossSpec(
     losses.coh_loss, paired=False, step=coh_step, extra_options=OPTIONS, data=coh_data,
-    check=coh_settings, prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))
+    check=lambda cfg, world_size: coh_settings(cfg),
+    prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))

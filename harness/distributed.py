@@ -35,6 +35,17 @@ def planned_world_size(cfg) -> int:
     return max(1, processes_to_spawn(cfg))
 
 
+def tensor_parallel_size(cfg, world: int) -> int:
+    """Ranks per tensor-parallel group: trainer.tp_size (null = all ranks) with
+    trainer=TensorParallelTrainer, else 1. The data-parallel ranks are world // this."""
+    if cfg.trainer.name != "TensorParallelTrainer":
+        return 1
+    tp = cfg.trainer.get("tp_size") or world
+    if world % tp:
+        raise ValueError(f"trainer.tp_size={tp} does not divide the {world} ranks")
+    return tp
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,6 +138,26 @@ def sum_across_ranks(values: list[torch.Tensor]) -> list[float]:
         stacked = stacked.to(device())
         dist.all_reduce(stacked)
     return stacked.tolist()
+
+
+def max_across_ranks(value: torch.Tensor) -> float:
+    """The maximum of a scalar over ranks (itself in one process)."""
+    value = torch.as_tensor(value).detach().float().reshape(()).to(device())
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def even_share(n: int, part: int, n_parts: int) -> tuple[list[int], int]:
+    """This part's contiguous share of n items: (indices, how many of them are real).
+
+    Every part gets ceil(n / n_parts) indices, its real ones first, then stand-ins (index 0)
+    whose results the caller drops: ranks sampling and scoring with sharded models must run the
+    same forward passes, hence equal shares (PPO's rollouts)."""
+    size = -(-n // n_parts)
+    start = min(part * size, n)
+    stop = min(start + size, n)
+    return list(range(start, stop)) + [0] * (size - (stop - start)), stop - start
 
 
 def shard_batch(batch: dict, part: int, n_parts: int) -> tuple[dict, int]:

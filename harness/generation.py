@@ -18,7 +18,9 @@ responses mean the same thing.
 Sampling is seeded per batch (seed + batch index) inside a forked RNG, so it never disturbs the
 caller's random state and repeats exactly for the same (seed, batch_size, prompts). Sampling
 uses the model's raw distribution (no top-k, no repetition penalty from a generation_config):
-with temperature=1 and top_p=1 the samples are draws from the policy itself.
+with temperature=1 and top_p=1 the samples are draws from the policy itself. With `keys` (one
+integer per prompt) each sample depends only on (seed, its key, its prompt): the same on any
+batch size and on whichever rank draws it (KeyedSampling; PPO's rollouts).
 """
 
 import os
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
+from transformers import LogitsProcessor
 
 from harness.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
                               load_tokenizer, resolve_path, sequence_logps)
@@ -169,16 +172,65 @@ def _trim(generated: list[int], stop: set[int]) -> tuple[list[int], bool]:
     return generated, False
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x, c in [0, 2**32), in 16-bit halves (no int64 overflow)."""
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of 32-bit integers (in int64 tensors), elementwise: C. Wellons'
+    "lowbias32", whose output bits each flip with probability ~1/2 when any input bit does."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class KeyedSampling(LogitsProcessor):
+    """Temperature sampling whose draws depend on a per-row key instead of a shared RNG stream.
+
+    Used with greedy decoding: the scores become logits / T + G with G standard Gumbel noise, and
+    the argmax of that is a draw from softmax(logits / T) (the Gumbel-max trick). G comes from a
+    counter-based hash of (seed, row key, step, token id), so a row's sample does not depend on the
+    other rows of its batch, the batch size or the rank that samples it."""
+
+    def __init__(self, seed: int, keys: list[int], temperature: float, prompt_width: int):
+        if temperature <= 0:
+            raise ValueError(f"keyed sampling needs temperature > 0, got {temperature}")
+        seed_hash = hash32(hash32(torch.tensor(seed >> 32 & _M32)) ^ (seed & _M32))
+        self.rows = hash32(seed_hash ^ (torch.tensor(keys, dtype=torch.long) & _M32))
+        self.temperature, self.prompt_width = temperature, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        rows = hash32(self.rows.to(scores.device) ^ step)[:, None]
+        tokens = torch.arange(scores.shape[-1], device=scores.device)
+        u = (hash32(hash32(rows ^ tokens)).double() + 0.5) / 2 ** 32  # uniform in (0, 1)
+        return scores / self.temperature - torch.log(-torch.log(u)).to(scores.dtype)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(),
-           progress: bool = True, desc: str = "sampling") -> list[Sample]:
-    """One completion per prompt, in prompt order, batched with left padding."""
-    from transformers import GenerationConfig
+           progress: bool = True, desc: str = "sampling", keys: list[int] | None = None,
+           synced: bool = False) -> list[Sample]:
+    """One completion per prompt, in prompt order, batched with left padding.
+
+    keys: one integer per prompt for KeyedSampling (sample i depends on cfg.seed, keys[i] and
+    its prompt only; temperature > 0, top_p = 1). synced: every rank keeps stepping until all
+    ranks are done, as a model sharded over the ranks needs (the same forward calls everywhere)."""
+    from transformers import GenerationConfig, LogitsProcessorList
     _check_sampling(prompts, cfg)
+    if keys is not None and (len(keys) != len(prompts) or cfg.top_p != 1 or cfg.temperature <= 0):
+        raise ValueError(f"keyed sampling needs one key per prompt ({len(keys)} keys, "
+                         f"{len(prompts)} prompts), temperature > 0 and top_p = 1")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = eos_ids(model, tokenizer)
-    greedy = cfg.temperature == 0
+    greedy = cfg.temperature == 0 or keys is not None  # keyed: greedy on Gumbel-perturbed scores
     gen_cfg = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
         eos_token_id=sorted(stop), **({} if greedy else dict(
@@ -194,7 +246,11 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
             batch = encoded[start:start + cfg.batch_size]
             ids, mask = _left_pad(batch, pad, device)
             torch.manual_seed(cfg.seed + index)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            keyed = LogitsProcessorList([KeyedSampling(
+                cfg.seed, keys[start:start + cfg.batch_size], cfg.temperature, ids.shape[1])]
+                if keys is not None else [])
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                 logits_processor=keyed, synced_gpus=synced)
             for row, prompt_ids in enumerate(batch):
                 completion, finished = _trim(gen[row, ids.shape[1]:].tolist(), stop)
                 text = tokenizer.decode([t for t in completion if t not in stop],

@@ -16,15 +16,20 @@ def enabled(model_cfg) -> bool:
     return bool(lora and lora.get("r"))
 
 
-def apply_lora(model, lora_cfg):
-    """Wrap `model` in a peft LoRA model: only the adapters train."""
+def apply_lora(model, lora_cfg, trained_head: str | None = None):
+    """Wrap `model` in a peft LoRA model: only the adapters train.
+
+    trained_head: for a model that is not a causal LM (PPO's critic, a reward model), the name of
+    a module that trains in full beside the adapters (peft's modules_to_save: a trainable copy,
+    the original kept), so that with adapters disabled the model is exactly the one given."""
     from peft import LoraConfig, get_peft_model
     if lora_cfg.r <= 0:
         raise ValueError(f"model.lora.r={lora_cfg.r} must be a positive rank (or null for no LoRA)")
     targets = list(lora_cfg.target_modules) if lora_cfg.target_modules else None
     config = LoraConfig(r=int(lora_cfg.r), lora_alpha=float(lora_cfg.alpha),
                         lora_dropout=float(lora_cfg.dropout), target_modules=targets,
-                        task_type="CAUSAL_LM")
+                        task_type=None if trained_head else "CAUSAL_LM",
+                        modules_to_save=[trained_head] if trained_head else None)
     try:
         model = get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module name that is not in the model
@@ -45,7 +50,8 @@ def causal_lm(model):
 
 
 def adapters_disabled(model):
-    """Context in which the LoRA policy computes as its frozen base model (the DPO reference)."""
+    """Context in which a LoRA model computes as its frozen base model (the DPO and PPO reference;
+    PPO's reward model is its LoRA critic with adapters disabled); for any other model, nothing."""
     return model.disable_adapter() if is_lora(model) else nullcontext()
 
 

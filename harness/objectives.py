@@ -28,8 +28,9 @@ class LossSpec:
     options: type | None = None
     # load_policy(cfg, archive, device_map, meta) -> the model to train (default: the causal LM of model.*)
     load_policy: Callable | None = None
-    # a loop class used instead of trainer=...'s offline loop, same constructor (e.g. PPO's)
-    trainer: type | None = None
+    # {trainer name: loop class} used instead of trainer=...'s offline loop, same constructor
+    # (PPO's rollout loop, in one process or on sharded models)
+    trainer: dict | None = None
     # whether the offline loop may sample text from the policy at evaluation (not a reward model)
     samples: bool = True
     # checkpoint_files(trainer, tmp_dir): extra files written into every checkpoint dir
@@ -39,7 +40,8 @@ class LossSpec:
     # data(cfg, tokenizer) -> ExampleFormat: how records become examples and tokens; None keeps
     # the standard SFT targets / preference pairs (CoH builds hindsight chains instead)
     data: Callable | None = None
-    # check(cfg) raises on bad loss options before any model loads (train.check_config)
+    # check(cfg, world_size) raises on bad loss options before any model loads
+    # (train.check_config; world_size: the number of ranks the run will have)
     check: Callable | None = None
     # prompt_suffix(cfg) -> text appended to every prompt when sampling from a model trained
     # with this loss (CoH: its positive feedback phrase); None: prompts are used as they are

@@ -120,11 +120,13 @@ def apply_fsdp(model: nn.Module, dp_mesh, block_name: str | None, mp_dtype: str 
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     # The log-prob head reads the root's own parameters (embeddings, norm, output head) outside
-    # model.forward, and peft's generate bypasses it too: register both as forward methods so
-    # FSDP gathers the root's parameters around them.
+    # model.forward, peft's generate bypasses it too, and a reward model's per-token head
+    # (`values`, PPO's critic) is a method of its own: register them as forward methods so FSDP
+    # gathers the root's parameters around them.
     model.call_logps = MethodType(lambda self, fn, *a: fn(causal_lm(self), *a), model)
-    register_fsdp_forward_method(model, "call_logps")
-    register_fsdp_forward_method(model, "generate")
+    for method in ("call_logps", "generate", "values"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
 
 

@@ -11,25 +11,33 @@ with it; a response without EOS gets `no_eos_penalty` instead) -> per-token rewa
 (whitened) and returns -> `ppo_epochs` passes over shuffled minibatches with the clipped policy
 and value losses -> adapt kl_coef. The actor is model.* (the SFT policy), the reference a frozen
 copy of it, the critic a copy of the reward model (value head initialised from the reward
-head). Dropout stays off in every model. Checkpoints: policy.pt (the actor, loadable as
-model.archive anywhere), optimizer.pt, scheduler.pt, critic.pt, trainer_state.pt.
+head); with model.lora.r the reference and the reward model are the LoRA actor and critic with
+adapters disabled (harness/ppo_models.py: building, wrapping, checkpoints). Dropout stays off.
+
+trainer=FSDPTrainer / TensorParallelTrainer wrap all four models. Each data-parallel rank samples
+its share of the prompts (keyed sampling: the responses one process would draw), then every rank
+holds the whole rollout, so advantages are whitened over the global batch; each minibatch is
+split over the ranks with its loss weighted by tokens, so the gradient and the logged statistics
+are those of one process with the same global batch.
 """
 
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import losses
-from harness import checkpoints, schedule
+from harness import checkpoints, distributed, schedule
 from harness.objectives import LossSpec, register_loss
 from harness import reward_model as rm  # a module: the loss table imports both in turn
-from harness.rollout import (critic_values, encode_prompts, fill, generate, policy_logprobs)
-from harness.run_logging import RunLogger
+from harness.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
+                             policy_logprobs)
+from harness.run_logging import NullLogger, RunLogger
+from harness.ppo_models import PPOModels
+from harness.sharded_training import ShardedModels, SingleProcess
 from preference_datasets import BatchIterator, load_examples
 
 
@@ -58,7 +66,6 @@ class PPOOptions:
     critic_lr: float | None = None
     gold_reward: str | None = None
     max_approx_kl: float = 10.0
-    lora: bool = False
 
     def __post_init__(self):
         if not self.reward_model:
@@ -66,10 +73,6 @@ class PPOOptions:
                 "loss=ppo needs a reward model: set loss.reward_model=RM_RUN_DIR. Train one on "
                 "preference pairs first: `python train.py loss=reward "
                 "model.archive=SFT_RUN/LATEST/policy.pt` (README, 'Reward models and PPO')")
-        if self.lora:
-            raise ValueError("loss.lora=true: LoRA for the PPO actor and critic needs the peft "
-                             "integration of the scale-out issue (#6, model.lora.*), which this "
-                             "branch does not have; set loss.lora=false")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"loss.kl_estimator={self.kl_estimator!r}: use k1 or k3")
         for key in ("temperature", "ppo_epochs", "mini_batch_size", "max_new_tokens",
@@ -94,45 +97,33 @@ class PPOState:
     last_eval: int = -1
 
 
+def rollout_seed(seed: int, rollout: int) -> int:
+    """The sampling seed of a rollout (rollout -1: evaluations); rows are keyed within it."""
+    return seed * 1_000_003 + rollout
+
+
 class TrainingDiverged(FloatingPointError):
     pass
 
 
-class PPOTrainer:
-    """The rollout loop. Constructed like the offline trainers (train.py picks it via the loss
-    table); only trainer=BasicTrainer's single-process setting is supported for now."""
+class PPOTrainer(PPOModels, SingleProcess):
+    """The rollout loop in one process (trainer=BasicTrainer); ShardedPPOTrainer runs it on
+    sharded models. Constructed like the offline trainers (train.py picks it via the loss table)."""
 
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
-        if config.trainer.name != "BasicTrainer":
-            raise NotImplementedError(f"loss=ppo runs with trainer=BasicTrainer only; "
-                                      f"trainer={config.trainer.name} wrapping is not wired in yet")
         self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
         self.opts = PPOOptions(**{k: v for k, v in OmegaConf.to_container(
             config.loss, resolve=True).items() if k != "name"})
-        if config.gradient_accumulation_steps != 1:
-            raise ValueError("loss=ppo: set loss.mini_batch_size (episodes per optimizer step) "
-                             "instead of gradient_accumulation_steps, which the PPO loop does "
-                             "not use; keep gradient_accumulation_steps=1")
-        if config.max_prompt_length + self.opts.max_new_tokens > config.max_length:
-            raise ValueError(f"max_prompt_length={config.max_prompt_length} + loss.max_new_tokens="
-                             f"{self.opts.max_new_tokens} exceeds max_length={config.max_length}")
-        if config.batch_size % self.opts.mini_batch_size:
-            raise ValueError(f"batch_size={config.batch_size} (prompts per rollout) must be a "
-                             f"multiple of loss.mini_batch_size={self.opts.mini_batch_size}")
-        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        self.tp_size = distributed.world_size() // self.dp_size  # ranks holding the same rows
+        if tokenizer.pad_token_id == tokenizer.eos_token_id and self.is_main:
             print("note: this tokenizer pads with its EOS token; PPO's masks come from lengths and "
                   "the first EOS (harness/rollout.py), so EOS is still scored and trained")
-        self.device = next(policy.parameters()).device
-        self.policy, self.reference = policy, reference_model.requires_grad_(False)
-        self.reward_model, _, self.rm_meta = rm.load_reward_model(self.opts.reward_model)
-        rm.check_same_tokenizer(self.rm_meta, tokenizer, f"loss.reward_model={self.opts.reward_model}")
-        self.reward_model.to(self.device).requires_grad_(False)
-        self.critic = copy.deepcopy(self.reward_model).requires_grad_(True)
-        for model in (self.policy, self.reference, self.critic, self.reward_model):
-            model.eval()  # dropout off everywhere: rollout and update see the same function
+        self._build_models(policy, reference_model)
+        self.device = next(self.policy.parameters()).device
         self._load_prompts()
-        groups = [{"params": self.policy.parameters(), "lr": config.lr},
-                  {"params": self.critic.parameters(), "lr": self.opts.critic_lr or config.lr}]
+        trained = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+        groups = [{"params": trained(self.policy), "lr": config.lr},
+                  {"params": trained(self.critic), "lr": self.opts.critic_lr or config.lr}]
         self.optimizer = getattr(torch.optim, config.optimizer)(groups)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -141,10 +132,11 @@ class PPOTrainer:
                               next_eval=0 if config.do_first_eval else config.eval_every)
         if resume is not None:
             self._restore(resume)
-        self.logger = RunLogger(run_dir, OmegaConf.to_container(config, resolve=True),
-                                config.wandb if not config.debug else OmegaConf.create(
-                                    {"enabled": False}),
-                                config.exp_name, resume_step=self.state.examples if resume else None)
+        self.logger = NullLogger() if not self.is_main else RunLogger(
+            run_dir, OmegaConf.to_container(config, resolve=True),
+            config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
+            config.exp_name, resume_step=self.state.examples if resume else None,
+            evaluated_at_resume=self.state.last_eval == self.state.examples)
 
     # ---- data ---------------------------------------------------------------------------------
     def _load_prompts(self):
@@ -173,12 +165,36 @@ class PPOTrainer:
         for begin in range(start, len(order) - size + 1, size):
             yield [self.train_examples[i] for i in order[begin:begin + size]]
 
-    def rollout(self, examples, seed: int):
-        ids = encode_prompts(self.tokenizer, examples, self.cfg.max_prompt_length)
-        batch = generate(self.policy, self.tokenizer, ids, [e.prompt for e in examples],
-                         self.opts.max_new_tokens, self.opts.temperature, seed, self.device)
-        return fill(batch, self.policy, self.reference, self.critic, self.reward_model,
-                    self.opts.temperature, self.opts.mini_batch_size)
+    def gather(self, part: list) -> list:
+        """The data-parallel ranks' lists, concatenated in rank order (identity in one process;
+        the ranks of a tensor-parallel group hold the same rows, one of them counts)."""
+        if distributed.world_size() == 1:
+            return part
+        return [x for got in distributed.all_gather_objects(part)[::self.tp_size] for x in got]
+
+    def rollout(self, examples, seed: int, first_key: int = 0):
+        """Episodes for `examples` (keyed first_key, first_key + 1, ...): this rank samples its
+        share, then every rank lays out the whole batch as one process would, scores its share
+        of the rows and receives the others'."""
+        o, synced = self.opts, distributed.world_size() > 1
+        rows, n = distributed.even_share(len(examples), self.dp_rank, self.dp_size)
+        mine = [examples[i] for i in rows]
+        samples = generate(self.policy, self.tokenizer,
+                           encode_prompts(self.tokenizer, mine, self.cfg.max_prompt_length),
+                           [e.prompt for e in mine], o.max_new_tokens, o.temperature, seed,
+                           [first_key + i for i in rows], synced)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+            self.tokenizer.eos_token_id
+        batch = build_batch(self.gather(samples[:n]), pad, self.device)
+        rows, n = distributed.even_share(len(batch.samples), self.dp_rank, self.dp_size)
+        part = fill(batch.select(torch.tensor(rows, device=self.device)), self.policy,
+                    self.reference, self.critic, self.reward_model, o.temperature,
+                    o.mini_batch_size)
+        for key in ("logprobs", "ref_logprobs", "values", "scores"):
+            scored = getattr(part, key)[:n]
+            setattr(batch, key, scored if distributed.world_size() == 1 else
+                    torch.cat(self.gather([scored.cpu()])).to(self.device))
+        return batch
 
     # ---- rewards and advantages -----------------------------------------------------------------
     def token_rewards(self, batch):
@@ -197,9 +213,10 @@ class PPOTrainer:
 
     # ---- one PPO step -----------------------------------------------------------------------------
     def ppo_step(self, examples) -> dict:
+        """Rollout, advantages over the whole batch (every rank holds it), update."""
         o, st = self.opts, self.state
         start = time.time()
-        batch = self.rollout(examples, seed=self.cfg.seed * 1_000_003 + st.rollouts)
+        batch = self.rollout(examples, seed=rollout_seed(self.cfg.seed, st.rollouts))
         self.check_finite({"rewards_train/score": batch.scores, "ppo/values": batch.values,
                            "ppo/logprobs": batch.logprobs})
         rewards, kl, scores = self.token_rewards(batch)
@@ -229,24 +246,28 @@ class PPOTrainer:
         return stats
 
     def update(self, batch, advantages, returns) -> dict:
-        """ppo_epochs passes over shuffled minibatches; returns the mean statistics."""
+        """ppo_epochs passes over shuffled minibatches (the same order on every rank, each
+        taking its equal share of a minibatch); returns the mean statistics."""
         o, B = self.opts, batch.input_ids.shape[0]
+        share = o.mini_batch_size // self.dp_size  # PPO's check: the ranks divide it
         collected = {}
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.state.rollouts)
         for epoch in range(o.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, o.mini_batch_size):
                 index = order[start:start + o.mini_batch_size]
-                mb_stats = self.minibatch_step(batch.select(index), advantages[index],
-                                               returns[index])
-                if epoch == 0 and start == 0:  # nothing has changed since the rollout: ratio 1
-                    collected["ppo/first_ratio_max_dev"] = [mb_stats.pop("ratio_max_dev")]
-                mb_stats.pop("ratio_max_dev", None)
+                mine = index[self.dp_rank * share:(self.dp_rank + 1) * share]
+                first = epoch == 0 and start == 0  # nothing has changed since the rollout
+                mb_stats = self.minibatch_step(batch.select(mine), advantages[mine],
+                                               returns[mine], batch.mask[index].sum().item(), first)
                 for k, v in mb_stats.items():
                     collected.setdefault(k, []).append(v)
         return {k: sum(v) / len(v) for k, v in collected.items()}
 
-    def minibatch_step(self, mb, advantages, returns) -> dict:
+    def minibatch_step(self, mb, advantages, returns, n_tokens: float, first: bool) -> dict:
+        """One optimizer step on this rank's share `mb` of a minibatch of n_tokens response
+        tokens. Each loss is a mean over the share's tokens; weighted by the share's tokens (and
+        the data-parallel ranks FSDP averages over) it becomes the mean over the minibatch's."""
         o = self.opts
         logprobs, entropy = policy_logprobs(self.policy, mb, o.temperature, with_entropy=True)
         values = critic_values(self.critic, mb)
@@ -256,17 +277,23 @@ class PPOTrainer:
                                                      o.clip_range_value)
         entropy = losses.masked_mean(entropy, mb.mask)
         loss = pg_loss + o.vf_coef * vf_loss - o.entropy_coef * entropy
-        stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                 "ppo/clipfrac": clipfrac.item(), "ppo/approxkl": approx_kl.item(),
-                 "ppo/value_clipfrac": vf_clipfrac.item(), "ppo/entropy": entropy.item(),
-                 "ratio_max_dev": ((logprobs - mb.logprobs).exp() - 1).abs().mul(mb.mask)
-                 .max().item()}
-        self.check_finite({"loss/total": loss, "ppo/approxkl": approx_kl})
-        if approx_kl.item() > o.max_approx_kl:
-            self.diverged("ppo/approxkl", approx_kl.item(), f"> loss.max_approx_kl={o.max_approx_kl}")
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm).item()
+        local = mb.mask.sum().item()
+        terms = {"loss/total": loss, "loss/policy": pg_loss, "loss/value": vf_loss,
+                 "ppo/clipfrac": clipfrac, "ppo/approxkl": approx_kl,
+                 "ppo/value_clipfrac": vf_clipfrac, "ppo/entropy": entropy}
+        totals = distributed.sum_across_ranks([v.detach() * local for v in terms.values()]
+                                              + [local])
+        stats = {k: v / max(totals[-1], 1) for k, v in zip(terms, totals)}
+        if first:  # ratio 1 up to numerics: how far from it (ppo/first_ratio_max_dev)
+            dev = ((logprobs - mb.logprobs).exp() - 1).abs().mul(mb.mask).max()
+            stats["ppo/first_ratio_max_dev"] = distributed.max_across_ranks(dev)
+        self.check_finite({"loss/total": stats.pop("loss/total"),
+                           "ppo/approxkl": stats["ppo/approxkl"]})
+        if stats["ppo/approxkl"] > o.max_approx_kl:
+            self.diverged("ppo/approxkl", stats["ppo/approxkl"],
+                          f"> loss.max_approx_kl={o.max_approx_kl}")
+        (loss * (local * self.dp_size / max(n_tokens, 1))).backward()
+        grad_norm = self.clip_gradients()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.diverged("grad_norm", grad_norm)
@@ -277,7 +304,7 @@ class PPOTrainer:
         stats["grad_norm"] = grad_norm
         return stats
 
-    # ---- NaN / explosion guard -------------------------------------------------------------------
+    # ---- NaN / explosion guard (on values every rank shares, so all ranks stop together) ------
     def check_finite(self, stats: dict):
         for key, value in stats.items():
             value = torch.as_tensor(value, dtype=torch.float32)
@@ -286,11 +313,13 @@ class PPOTrainer:
 
     def diverged(self, key: str, value: float, why: str = "is not finite"):
         """Save the current weights for inspection, then stop with the offending statistic."""
-        path = self.save(f"diverged-{self.state.examples}")
+        name = f"diverged-{self.state.examples}"
+        self.save(name)
+        saved = "not saved (debug=true)" if self.cfg.debug else f"saved in {self.run_dir}/{name}"
         raise TrainingDiverged(f"PPO stopped at rollout {self.state.rollouts} (after "
                                f"{self.state.examples} prompts, optimizer step "
-                               f"{self.state.steps}): {key}={value} {why}; weights saved in "
-                               f"{path}. Lower lr, raise kl_coef, or check the reward model.")
+                               f"{self.state.steps}): {key}={value} {why}; weights {saved}. "
+                               "Lower lr, raise kl_coef, or check the reward model.")
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -298,16 +327,16 @@ class PPOTrainer:
         """Sample on the held-out prompts: reward-model score, KL to the reference, the gold
         reward when loss.gold_reward names one; writes samples/step-N.jsonl."""
         o, st = self.opts, self.state
-        scores, kls, gold, rows = [], [], [], []
+        scores, kls, rows = [], [], []
         size = self.cfg.eval_batch_size
-        with torch.random.fork_rng(devices=[]):
-            for i in range(0, len(self.eval_examples), size):
-                examples = self.eval_examples[i:i + size]
-                batch = self.rollout(examples, seed=self.cfg.seed + 7 * i)
-                scores.append(batch.scores)
-                kls.append((losses.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1")
-                            * batch.mask).sum(-1))
-                rows.extend({"prompt": s.prompt, "policy": s.completion} for s in batch.samples)
+        for i in range(0, len(self.eval_examples), size):
+            # keyed by prompt: every evaluation samples with the same noise, whatever the ranks
+            batch = self.rollout(self.eval_examples[i:i + size],
+                                 seed=rollout_seed(self.cfg.seed, -1), first_key=i)
+            scores.append(batch.scores)
+            kls.append((losses.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1")
+                        * batch.mask).sum(-1))
+            rows.extend({"prompt": s.prompt, "policy": s.completion} for s in batch.samples)
         results = {"rewards_eval/score": torch.cat(scores).mean().item(),
                    "kl_eval/kl": torch.cat(kls).mean().item()}
         if o.gold_reward:
@@ -319,8 +348,9 @@ class PPOTrainer:
         if self.cfg.sample_during_eval:
             self.logger.log_samples(st.examples, rows[:self.cfg.n_eval_model_samples])
         self.logger.log(results, st.examples)
-        print(f"eval @ {st.examples} prompts: " +
-              ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        if self.is_main:
+            print(f"eval @ {st.examples} prompts: " +
+                  ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -328,8 +358,10 @@ class PPOTrainer:
         cfg, st = self.cfg, self.state
         per_epoch = self.prompt_order.examples_per_epoch
         total = schedule.total_examples(cfg, per_epoch)
-        bar = tqdm(total=total, initial=st.examples, unit="prompt", desc="ppo", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=st.examples, unit="prompt", desc="ppo", dynamic_ncols=True,
+                   disable=not self.is_main)
         while st.examples < total:
+            schedule.advance_epoch(st, per_epoch)  # (a checkpoint saved at an epoch's end)
             for examples in self.prompt_batches(st.epoch, st.epoch_offset):
                 schedule.evaluate_if_due(self)
                 stats = self.ppo_step(examples)
@@ -337,44 +369,41 @@ class PPOTrainer:
                 bar.update(len(examples))
                 bar.set_postfix(score=f"{stats['rewards_train/score']:.3f}",
                                 kl=f"{stats['kl_train/kl']:.2f}")
-                if isinstance(cfg.save_every, int) and cfg.save_every > 0 and \
-                        schedule.crossed_multiple(cfg.save_every, st.examples, len(examples)):
-                    self.save()
+                schedule.advance_epoch(st, per_epoch)
+                schedule.save_if_due(self, len(examples))
                 if st.examples >= total:
                     break
-            if st.epoch_offset >= per_epoch or st.examples < total:
-                st.epoch, st.epoch_offset = st.epoch + 1, 0
         bar.close()
         schedule.finish(self)
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, name: str | None = None):
-        if self.cfg.debug:
-            return None
-        st = self.state
-        name = name or f"step-{st.examples}"
-        critic = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
-        write_critic = lambda d: torch.save({"step_idx": st.examples, "state": critic},  # noqa
-                                            d / "critic.pt")
-        path = checkpoints.save_checkpoint(
-            self.run_dir, name, st.examples, {"examples": st.examples},
-            {k: v.detach().cpu() for k, v in self.policy.state_dict().items()},
-            self.optimizer.state_dict(), self.scheduler.state_dict(),
-            {"ppo_state": asdict(st), "rng": checkpoints.rng_state()}, write_critic)
-        st.last_save = st.examples
-        checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-        print(f"saved {path}")
-        return path
+class ShardedPPOTrainer(ShardedModels, PPOTrainer):
+    """The rollout loop with trainer=FSDPTrainer or TensorParallelTrainer: the same loop, its
+    models wrapped by parallel.parallelize over the trainer's mesh, clipped and checkpointed
+    as sharded models (harness/sharded_training.py)."""
 
-    def _restore(self, resume: dict):
-        self.policy.load_state_dict(resume["policy"]["state"])
-        critic = torch.load(f"{resume['dir']}/critic.pt", map_location="cpu", weights_only=True)
-        self.critic.load_state_dict(critic["state"])
-        self.optimizer.load_state_dict(resume["optimizer"]["state"])
-        self.scheduler.load_state_dict(resume["scheduler"]["state"])
-        self.state = PPOState(**resume["trainer"]["ppo_state"])
-        checkpoints.set_rng_state(resume["trainer"]["rng"])
-        print(f"resumed from {resume['dir']} at {self.state.examples} prompts")
+
+def check(cfg, world_size: int):
+    """PPO's batch settings, before any model loads."""
+    o = PPOOptions(**{k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
+                      if k != "name"})
+    dp = world_size // distributed.tensor_parallel_size(cfg, world_size)
+    if cfg.gradient_accumulation_steps != 1:
+        raise ValueError("loss=ppo: set loss.mini_batch_size (episodes per optimizer step) "
+                         "instead of gradient_accumulation_steps, which the PPO loop does "
+                         "not use; keep gradient_accumulation_steps=1")
+    if cfg.max_prompt_length + o.max_new_tokens > cfg.max_length:
+        raise ValueError(f"max_prompt_length={cfg.max_prompt_length} + loss.max_new_tokens="
+                         f"{o.max_new_tokens} exceeds max_length={cfg.max_length}")
+    if cfg.batch_size % o.mini_batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} (prompts per rollout) must be a "
+                         f"multiple of loss.mini_batch_size={o.mini_batch_size}")
+    if cfg.activation_checkpointing:
+        raise ValueError("activation_checkpointing=true has no effect with loss=ppo: its models "
+                         "stay in eval mode (dropout off), where transformers does not "
+                         "checkpoint; set activation_checkpointing=false")
+    if o.mini_batch_size % dp:
+        raise ValueError(f"loss.mini_batch_size={o.mini_batch_size} must be a multiple of the {dp}"
+                         " data-parallel ranks (each takes an equal share of every minibatch)")
 
 
 def load_policy(cfg, archive, device_map=None, meta: bool = False):
@@ -382,12 +411,11 @@ def load_policy(cfg, archive, device_map=None, meta: bool = False):
     loss.reward_model fails before a large model loads."""
     from harness.modeling import load_model
     rm.checkpoint_dir(cfg.loss.reward_model)
-    if cfg.model.get("lora", {}).get("r"):  # PPO's actor/critic checkpoints are full models, for now
-        raise ValueError("loss=ppo does not support model.lora yet (actor and critic are saved as "
-                         "full models); unset model.lora.r")
     return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
 
 
-register_loss("ppo", LossSpec(losses.ppo_policy_loss, paired=False, step=None,
-                              uses_reference=True, options=PPOOptions, load_policy=load_policy,
-                              trainer=PPOTrainer))
+register_loss("ppo", LossSpec(
+    losses.ppo_policy_loss, paired=False, step=None, uses_reference=True, options=PPOOptions,
+    load_policy=load_policy, check=check,
+    trainer={"BasicTrainer": PPOTrainer, "FSDPTrainer": ShardedPPOTrainer,
+             "TensorParallelTrainer": ShardedPPOTrainer}))

@@ -18,6 +18,7 @@ and loads back with `load_reward_model(path)` (PPO's reward and critic) or `Rewa
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
 class RewardModel(nn.Module):
     """backbone (a transformers base model, no LM head) -> Linear head: 1 output (a scalar
     reward) or n_bins outputs (logits over ratings 1..K, reward = expected rating)."""
+    base_model_prefix = "backbone"  # where harness/parallel.py finds the transformer (TP plan)
 
     def __init__(self, backbone, n_bins: int = 0):
         super().__init__()
@@ -53,7 +55,8 @@ class RewardModel(nn.Module):
     def scalar(self, head_out: torch.Tensor) -> torch.Tensor:
         """Head outputs [..., 1 or K] -> scalar rewards [...] in float32."""
         head_out = head_out.float()
-        return losses.expected_rating(head_out) if self.n_bins else head_out[..., 0]
+        # a copy, not a view: FSDP hooks the outputs of a sharded root (PPO's critic) for backward
+        return losses.expected_rating(head_out) if self.n_bins else head_out[..., 0].clone()
 
     def head_at_last_token(self, input_ids, attention_mask) -> torch.Tensor:
         """Head outputs [B, 1 or K] at the last non-pad token."""
@@ -71,6 +74,13 @@ class RewardModel(nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    @property
+    def _no_split_modules(self):  # the transformer block classes, FSDP's units
+        return self.backbone._no_split_modules
+
+    def tie_weights(self):
+        self.backbone.tie_weights()
 
     def save_pretrained(self, out_dir, **kwargs):
         """An HF dir of the backbone plus the head weights (score_head.pt), for export_hf=true."""
@@ -250,17 +260,20 @@ def checkpoint_dir(path) -> Path:
     return path
 
 
-def load_reward_model(path, dtype: str | None = None):
-    """(RewardModel in eval mode, its tokenizer, meta dict) from a reward checkpoint."""
+def load_reward_model(path, dtype: str | None = None, on_meta: bool = False):
+    """(RewardModel in eval mode, its tokenizer, meta dict) from a reward checkpoint.
+    on_meta=True: the architecture only, on the meta device (ranks that get rank 0's weights)."""
     from transformers import AutoConfig, AutoModel
     from harness.modeling import load_tokenizer
     ckpt = checkpoint_dir(path)
     meta = json.loads((ckpt / META_FILE).read_text())
     config = AutoConfig.from_pretrained(ckpt / MODEL_DIR)
-    backbone = AutoModel.from_config(config, dtype=getattr(torch, dtype or meta["dtype"]))
-    model = RewardModel(backbone, meta["n_bins"])
-    state = torch.load(ckpt / "policy.pt", map_location="cpu", weights_only=True)["state"]
-    model.load_state_dict(state)
+    with torch.device("meta") if on_meta else nullcontext():
+        backbone = AutoModel.from_config(config, dtype=getattr(torch, dtype or meta["dtype"]))
+        model = RewardModel(backbone, meta["n_bins"])
+    if not on_meta:
+        state = torch.load(ckpt / "policy.pt", map_location="cpu", weights_only=True)["state"]
+        model.load_state_dict(state)
     tokenizer = load_tokenizer(str(ckpt / MODEL_DIR))
     return model.eval(), tokenizer, meta
 

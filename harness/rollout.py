@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.generation import Sample, SamplingConfig, sample
+from harness.lora import adapters_disabled
 from harness.modeling import position_ids
 from losses import entropy_from_logits
 from preference_datasets import _TRUNCATE
@@ -72,15 +73,16 @@ def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
 
 
 def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
-             max_new_tokens: int, temperature: float, seed: int, device) -> Rollout:
-    """Sample one response per prompt (harness.generation: left padding, stop at EOS, seeded,
-    pure temperature sampling with no top-k / top-p) and lay the batch out as above."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+             max_new_tokens: int, temperature: float, seed: int, keys: list[int],
+             synced: bool = False) -> list[Sample]:
+    """Sample one response per prompt (harness.generation: left padding, stop at EOS, pure
+    temperature sampling with no top-k / top-p), keyed: response i depends only on (seed,
+    keys[i]) and its prompt, so a rank sampling its share of a batch draws what one process
+    drawing the whole batch would. synced: for a model sharded over the ranks."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                          batch_size=len(prompts), seed=seed)
-    samples = sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
-                     progress=False)
-    return build_batch(samples, pad, device)
+    return sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
+                  progress=False, keys=keys, synced=synced)
 
 
 class _PreTokenized:
@@ -126,17 +128,21 @@ def score(reward_model, batch: Rollout) -> torch.Tensor:
 def fill(batch: Rollout, policy, reference, critic, reward_model, temperature: float,
          chunk: int) -> Rollout:
     """Rollout-time log-probs, reference log-probs, values and scores, `chunk` rows at a time
-    (bounded memory). The first PPO minibatch recomputes the policy log-probs of a shuffled
-    subset of rows with the same padded width; ppo/first_ratio_max_dev logs how far its ratio
-    is from 1 (exactly 0 on CPU: a row's result does not depend on the other rows)."""
+    (bounded memory). The reference and the reward model may be the LoRA actor and critic,
+    run with their adapters disabled. The first PPO minibatch recomputes the policy log-probs
+    of a shuffled subset of rows with the same padded width; ppo/first_ratio_max_dev logs how
+    far its ratio is from 1 (exactly 0 on CPU: a row's result does not depend on the other
+    rows)."""
     parts = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for start in range(0, batch.input_ids.shape[0], chunk):
         mb = batch.select(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
                                        device=batch.input_ids.device))
         parts["logprobs"].append(policy_logprobs(policy, mb, temperature))
-        parts["ref_logprobs"].append(policy_logprobs(reference, mb, temperature))
+        with adapters_disabled(reference):
+            parts["ref_logprobs"].append(policy_logprobs(reference, mb, temperature))
         parts["values"].append(critic_values(critic, mb))
-        parts["scores"].append(score(reward_model, mb))
+        with adapters_disabled(reward_model):
+            parts["scores"].append(score(reward_model, mb))
     for key, pieces in parts.items():
         setattr(batch, key, torch.cat(pieces))
     return batch

@@ -32,6 +32,23 @@ def crossed_multiple(every: int, examples: int, batch_examples: int) -> bool:
     return examples // every > (examples - batch_examples) // every
 
 
+def advance_epoch(state, per_epoch: int):
+    """Start the next epoch once this one's `per_epoch` examples are used up."""
+    if state.epoch_offset >= per_epoch:
+        state.epoch, state.epoch_offset = state.epoch + 1, 0
+
+
+def save_if_due(trainer, batch_examples: int):
+    """After a step (and advance_epoch): save_every=N saves when the example count crosses a
+    multiple of N (step-K/); save_every=epoch_N at the end of every N-th epoch (epoch-K/)."""
+    every, st = trainer.cfg.save_every, trainer.state
+    if isinstance(every, str) and every.startswith("epoch_"):
+        if st.epoch_offset == 0 and st.epoch % int(every[len("epoch_"):]) == 0:
+            trainer.save(f"epoch-{st.epoch}")
+    elif every and crossed_multiple(every, st.examples, batch_examples):
+        trainer.save()
+
+
 def finish(trainer):
     """A last evaluation and checkpoint at the final count (unless one just happened)."""
     st = trainer.state

@@ -1,33 +1,73 @@
-"""The parts of the training loop that change when a model is sharded over several ranks.
+"""The parts of a training loop that change when its models are sharded over several ranks.
 
-BasicTrainer (trainers.py) calls small methods for everything rank-dependent: which share of a
-batch this rank sees, how gradients are clipped, how state dicts are gathered for policy.pt and
-sharded for exact resume, how the reference pre-pass is split. DistributedMixin overrides them;
-FSDPTrainer and TensorParallelTrainer then only say how the model is wrapped.
+Both loops (the offline BasicTrainer in trainers.py and PPO's rollout loop in harness/ppo.py)
+call small methods for everything rank-dependent: how a model is wrapped, how gradients are
+clipped, how state dicts are gathered for policy.pt and sharded for exact resume. SingleProcess
+holds their one-process versions; ShardedModels overrides them for FSDP2 / tensor parallelism
+(listed first among a trainer's bases); DistributedMixin adds what only the offline loop needs
+(which share of a batch a rank sees, the distributed reference pre-pass).
+
+`self.trained` is the module whose parameters the optimizer updates: the policy for the offline
+loop, actor and critic together (an nn.ModuleDict) for PPO.
 """
 
 import shutil
 
+import torch
+
 from harness import checkpoints, distributed, lora, parallel, reference_cache
 
 
-class DistributedMixin:
-    """What FSDPTrainer and TensorParallelTrainer add to BasicTrainer (listed first among their
-    bases, so these methods override its single-process ones): the ranks' view of batches,
-    clipping of sharded gradients, gathered and sharded checkpoints, a distributed reference
-    pre-pass."""
+class SingleProcess:
+    """One process: this rank is rank 0 of one, models stay whole."""
+    is_main = True      # this process logs and writes checkpoints
+    dp_size, dp_rank = 1, 0  # data-parallel ranks: each sees 1/dp_size of every batch
+    sharded_checkpoints = False
+
+    def wrap(self, model, train: bool = True):
+        """Apply parallelism to a loaded model (distributed trainers); here only activation
+        checkpointing and compiling, in torchtitan's order."""
+        if train and self.cfg.activation_checkpointing:
+            parallel.apply_ac(model)
+        if train and self.cfg.compile:
+            parallel.apply_compile(model, self.cfg.model.block_name)
+        return model
+
+    def clip_gradients(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.trained.parameters(),
+                                              self.cfg.max_grad_norm).item()
+
+    def full_state(self, model) -> dict:
+        """`model`'s whole state dict on the CPU (in rank 0; collective when sharded)."""
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def save_shards(self, name: str):
+        """Sharded checkpoint of the trained models and optimizer (distributed trainers)."""
+
+    def load_training_state(self, resume: dict):
+        """Policy weights (a LoRA run: its adapters on the freshly loaded base) and optimizer."""
+        if checkpoints.ADAPTER in resume:
+            lora.load_adapter(self.policy, resume[checkpoints.ADAPTER])
+        else:
+            self.policy.load_state_dict(resume["policy"]["state"])
+        self.optimizer.load_state_dict(resume["optimizer"]["state"])
+
+
+class ShardedModels:
+    """FSDP2 and tensor parallelism (the mesh of trainer=FSDPTrainer / TensorParallelTrainer):
+    models wrapped by parallel.parallelize, clipping of sharded gradients, gathered and sharded
+    checkpoints. Every rank calls these methods; the gathered states exist in rank 0 only."""
     sharded_checkpoints = True
 
     def __init__(self, policy, tokenizer, config, *args, **kwargs):
         world, rank = distributed.world_size(), distributed.rank()
-        tp = self.tensor_parallel_size(config, world)
+        tp = distributed.tensor_parallel_size(config, world)
         self.mesh = parallel.build_mesh(world // tp, tp)
         self.is_main, self.dp_size, self.dp_rank = rank == 0, world // tp, rank // tp
         super().__init__(policy, tokenizer, config, *args, **kwargs)
-
-    @staticmethod
-    def tensor_parallel_size(config, world: int) -> int:
-        return 1
 
     def wrap(self, model, train: bool = True):
         """Shard the model (rank 0 holds its weights; the other ranks built it on meta)."""
@@ -39,6 +79,33 @@ class DistributedMixin:
         model = parallel.parallelize(model, self.mesh, self.cfg, train)
         return parallel.load_from_rank0(model, full_state, buffers)
 
+    def clip_gradients(self) -> float:
+        return parallel.clip_grad_norm(list(self.trained.parameters()), self.cfg.max_grad_norm)
+
+    def full_state(self, model) -> dict:
+        return parallel.full_state_dict(model)
+
+    def optimizer_state_dict(self) -> dict:
+        return parallel.full_optimizer_state_dict(self.trained, self.optimizer)
+
+    def save_shards(self, name: str):
+        staged = checkpoints.staging_dir(self.run_dir, name)
+        if self.is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        distributed.barrier()
+        checkpoints.save_sharded(parallel.sharded_state(self.trained, self.optimizer), staged)
+
+    def load_training_state(self, resume: dict):
+        state = parallel.sharded_state(self.trained, self.optimizer)
+        checkpoints.load_sharded(state, resume[checkpoints.SHARDED])
+        parallel.load_sharded_state(self.trained, self.optimizer, state)
+
+
+class DistributedMixin(ShardedModels):
+    """What FSDPTrainer and TensorParallelTrainer add to the offline BasicTrainer besides the
+    sharded models: FSDP's gathered log-prob head, gradient sync once per optimizer step, a
+    distributed reference pre-pass."""
+
     def logps(self, model, fn, *args):
         if hasattr(model, "call_logps"):  # FSDP gathers the root's parameters around it
             return model.call_logps(fn, *args, self.cfg.logits_chunk_size)
@@ -47,27 +114,6 @@ class DistributedMixin:
     def sync_gradients(self, now: bool):
         if parallel.is_fsdp(self.policy):  # no data-parallel reduction in pure TP
             self.policy.set_requires_gradient_sync(now)
-
-    def clip_gradients(self) -> float:
-        return parallel.clip_grad_norm(list(self.policy.parameters()), self.cfg.max_grad_norm)
-
-    def policy_state_dict(self) -> dict:
-        return parallel.full_state_dict(self.policy)
-
-    def optimizer_state_dict(self) -> dict:
-        return parallel.full_optimizer_state_dict(self.policy, self.optimizer)
-
-    def save_shards(self, name: str):
-        staged = checkpoints.staging_dir(self.run_dir, name)
-        if self.is_main:
-            shutil.rmtree(staged, ignore_errors=True)
-        distributed.barrier()
-        checkpoints.save_sharded(parallel.sharded_state(self.policy, self.optimizer), staged)
-
-    def load_training_state(self, resume: dict):
-        state = parallel.sharded_state(self.policy, self.optimizer)
-        checkpoints.load_sharded(state, resume[checkpoints.SHARDED])
-        parallel.load_sharded_state(self.policy, self.optimizer, state)
 
     def load_reference_table(self, key: str, loader) -> dict:
         """Rank 0's cached table, or one computed with each rank scoring its share of every

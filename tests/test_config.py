@@ -100,7 +100,12 @@ def test_every_trainer_composes(trainer):
     (["model.lora.r=0"], "model.lora.r"),
     (["model.lora.r=8", "trainer=TensorParallelTrainer"], "LoRA"),
     (["loss=ppo"], "loss=reward"),  # no reward model: says how to train one
-    (["loss=ppo", "loss.reward_model=R", "loss.lora=true"], "#6"),
+    (["loss=ppo", "loss.reward_model=R", "batch_size=12", "loss.mini_batch_size=8"],
+     "multiple of loss.mini_batch_size=8"),
+    (["loss=ppo", "loss.reward_model=R", "loss.max_new_tokens=300"], "loss.max_new_tokens"),
+    (["loss=ppo", "loss.reward_model=R", "activation_checkpointing=true"], "eval mode"),
+    (["loss=ppo", "loss.reward_model=R", "gradient_accumulation_steps=2", "batch_size=8"],
+     "loss.mini_batch_size"),
     (["loss=ppo", "loss.reward_model=R", "loss.kl_estimator=k2"], "loss.kl_estimator"),
     (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
     (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from harness.generation import (SamplingConfig, completion_logps, completion_token_logps,
-                                encode_completions, load_checkpoint, resolve_checkpoint, sample)
+from harness.generation import (KeyedSampling, SamplingConfig, completion_logps,
+                                completion_token_logps, encode_completions, hash32,
+                                load_checkpoint, resolve_checkpoint, sample)
 from harness.modeling import REPO_ROOT
 from harness.toy_task import toy_records
 
@@ -33,6 +34,55 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
         assert s.finished == (s.completion_ids[-1] == tok.eos_token_id)
         assert tok.eos_token_id not in s.completion_ids[:-1]
         assert len(s.completion_ids) <= 24 and s.prompt in PROMPTS
+
+
+def test_hash32_is_lowbias32():
+    def lowbias32(x):  # the published C code, on Python integers
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    assert hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    assert lowbias32(1) != lowbias32(2) != 0
+
+
+def test_keyed_sampling_draws_from_softmax_at_temperature():
+    """Gumbel-max: over many keys, the argmax of the perturbed scores follows softmax(l / T)."""
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    n, temperature = 40_000, 0.5
+    scores = KeyedSampling(7, list(range(n)), temperature, prompt_width=3)(
+        torch.zeros(n, 3, dtype=torch.long), logits.expand(n, 4))
+    freq = torch.bincount(scores.argmax(-1), minlength=4) / n
+    e = [1.0, 7.389056, 54.59815, 0.135335]  # exp(l / 0.5)
+    expected = torch.tensor(e) / sum(e)      # 0.0159, 0.1173, 0.8647, 0.0021
+    torch.testing.assert_close(freq, expected, atol=0.006, rtol=0)
+    # a row's draw depends on its key and the step, not on its position in the batch
+    again = KeyedSampling(7, [5, 3], temperature, prompt_width=3)(
+        torch.zeros(2, 3, dtype=torch.long), logits.expand(2, 4))
+    torch.testing.assert_close(again, scores[[5, 3]])
+    next_step = KeyedSampling(7, [5], temperature, prompt_width=2)(
+        torch.zeros(1, 3, dtype=torch.long), logits[None])
+    assert not torch.equal(next_step[0], scores[5])
+
+
+def test_keyed_samples_do_not_depend_on_the_batch(tiny):
+    model, tok = tiny
+    keys = [10, 11, 12, 13, 14, 15]
+    whole = sample(model, tok, PROMPTS, SamplingConfig(seed=3, batch_size=6, max_new_tokens=24),
+                   progress=False, keys=keys)
+    split = sample(model, tok, PROMPTS[::-1], SamplingConfig(seed=3, batch_size=4,
+                                                             max_new_tokens=24),
+                   progress=False, keys=keys[::-1])
+    assert whole == split[::-1]
+    assert len({s.completion for s in whole}) > 3  # samples, not one greedy answer
+    other_seed = sample(model, tok, PROMPTS, SamplingConfig(seed=4, batch_size=6,
+                                                            max_new_tokens=24),
+                        progress=False, keys=keys)
+    assert whole != other_seed
+    with pytest.raises(ValueError, match="keyed sampling"):
+        sample(model, tok, PROMPTS, SamplingConfig(top_p=0.9), progress=False, keys=keys)
 
 
 def test_left_padding_does_not_change_greedy_completions(tiny):

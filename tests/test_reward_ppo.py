@@ -1,5 +1,6 @@
 """Reward models and PPO on the bundled tiny model: EOS scoring, reward training that beats
-chance, checkpoints that load back as a reward function, a short PPO run end to end, bad input."""
+chance, checkpoints that load back as a reward function, a short PPO run end to end, PPO with
+LoRA, epoch checkpoints, bad input."""
 
 import json
 import random
@@ -10,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from harness import ppo
-from harness.modeling import last_token_index, load_tokenizer
+from harness import lora, ppo
+from harness.modeling import last_token_index, load_model, load_tokenizer
+from harness.rollout import policy_logprobs
 from harness.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
                                   load_reward_model, to_ratings)
 from harness.run_logging import read_metrics
@@ -175,14 +177,17 @@ def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run):
 
 
 def _trainer(tmp_path, reward_run, *overrides):
+    """A PPOTrainer built as train.py builds it (LoRA: the reference is the policy itself)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"local_dirs=[{tmp_path}]", f"local_run_dir={tmp_path}/run", *FAST, *PPO,
             f"loss.reward_model={reward_run}", *overrides])
-    from harness.modeling import load_model
     (tmp_path / "run").mkdir()
     policy = load_model("assets/tiny_model", "float32")
-    reference = load_model("assets/tiny_model", "float32")
+    if lora.enabled(cfg.model):
+        policy = reference = lora.apply_lora(policy, cfg.model.lora)
+    else:
+        reference = load_model("assets/tiny_model", "float32")
     return ppo.PPOTrainer(policy, load_tokenizer("assets/tiny_model"), cfg, str(tmp_path / "run"),
                           reference)
 
@@ -206,12 +211,17 @@ def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch
     assert (tmp_path / "run" / "diverged-0" / "policy.pt").exists()
 
 
-def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
+def _evaluate_script():
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "evaluate_script", Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
+    return evaluate
+
+
+def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
+    evaluate = _evaluate_script()
     (result,) = evaluate.main(["assets/tiny_model", "--reference", "assets/tiny_model",
                                "--reward-model", str(reward_run), "--n-prompts", "5",
                                "--max-new-tokens", "12", "--out", str(tmp_path / "r.json")])
@@ -219,3 +229,87 @@ def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
     rows = result["examples"]  # all 5 prompts: the mean is over exactly these completions
     scores = RewardFunction(reward_run)([r["prompt"] for r in rows], [r["policy"] for r in rows])
     assert result["gold_reward"] == pytest.approx(sum(scores) / 5, rel=1e-4)
+
+
+LORA = ["model.lora.r=4", "model.lora.alpha=8", "lr=1e-2"]
+
+
+def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run):
+    """With model.lora the actor and critic train adapters (and the critic its value head) only;
+    the reference is the base model and the reward model the original, even after training."""
+    trainer = _trainer(tmp_path, reward_run, *LORA)
+    trained = {name: [k for k, p in model.named_parameters() if p.requires_grad]
+               for name, model in trainer.trained.items()}
+    assert trained["policy"] and all("lora_" in k for k in trained["policy"])
+    assert {k for k in trained["critic"] if "lora_" not in k} == {
+        "base_model.model.score.modules_to_save.default.weight",
+        "base_model.model.score.modules_to_save.default.bias"}
+    before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
+    trainer.ppo_step(trainer.train_examples[:16])
+    after = trainer.trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{name}.{k}" for name, keys in trained.items() for k in keys}
+    # the reference (adapters off) is the base model; the trained actor is not
+    base = load_model("assets/tiny_model", "float32").eval()
+    batch = trainer.rollout(trainer.eval_examples[:8], seed=1)
+    with torch.no_grad():
+        expected = policy_logprobs(base, batch, 0.7)
+        torch.testing.assert_close(batch.ref_logprobs, expected, rtol=1e-5, atol=1e-5)
+        assert (batch.logprobs - expected).abs().max() > 1e-3
+    reward_model, _, _ = load_reward_model(reward_run)
+    with torch.no_grad():
+        torch.testing.assert_close(batch.scores, reward_model(batch.input_ids,
+                                                              batch.attention_mask))
+    assert trainer.reward_model is trainer.critic and trainer.reference is trainer.policy
+
+
+def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run):
+    """A LoRA PPO run from an SFT-like archive: resumed from its first checkpoint it matches the
+    uninterrupted run (the base is model.archive again, the adapters and value head come back);
+    policy.pt and hf/ hold the merged actor, which evaluate.py loads."""
+    base = load_model("assets/tiny_model", "float32")
+    torch.manual_seed(0)
+    with torch.no_grad():  # parameters, not state-dict entries: the tied head moves with them
+        for p in base.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    archive = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.save({"step_idx": 0, "state": archive}, tmp_path / "sft.pt")
+    common = [*PPO, *LORA, f"loss.reward_model={reward_run}", "do_first_eval=false",
+              "loss.max_new_tokens=8", f"model.archive={tmp_path / 'sft.pt'}"]
+    whole = run(tmp_path / "a", *common, "n_examples=32", "export_hf=true")
+    first = run(tmp_path / "b", *common, "n_examples=16")
+    resumed = run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
+    a, b = rows(whole), rows(resumed)
+    assert [r["step"] for r in b] == [16, 32]
+    for key in ("rewards_train/score", "kl_train/kl", "loss/policy", "loss/value", "grad_norm"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-6), key
+    ckpt = whole / "LATEST"
+    merged = torch.load(ckpt / "policy.pt", weights_only=True)["state"]
+    changed = {k for k in merged if not torch.equal(merged[k], archive[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    torch.testing.assert_close(torch.load(resumed / "LATEST" / "policy.pt", weights_only=True)[
+        "state"], merged, rtol=1e-5, atol=1e-6)
+    critic = torch.load(ckpt / "critic.pt", weights_only=True)["state"]
+    assert critic and all("lora_" in k or "modules_to_save" in k for k in critic)
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(ckpt / "hf").state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(exported[k], v)
+    evaluate = _evaluate_script()
+    (result,) = evaluate.main([str(ckpt / "policy.pt"), "--reference", "assets/tiny_model",
+                               "--n-prompts", "4", "--max-new-tokens", "8",
+                               "--out", str(tmp_path / "e.json")])
+    assert len(result["examples"]) == 4 and "gold_reward" in result
+
+
+def test_ppo_saves_every_n_epochs(tmp_path, reward_run):
+    """save_every=epoch_2 with 16 prompts per epoch: epoch-2/ after the 2nd epoch, then the
+    final checkpoint after the 3rd (no epoch-1, no step checkpoints in between)."""
+    run_dir = run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "data_fraction=0.01",
+                  "n_epochs=3", "save_every=epoch_2", "loss.max_new_tokens=8",
+                  "do_first_eval=false")
+    assert sorted(p.name for p in run_dir.glob("*-*")) == ["epoch-2", "step-48"]
+    state = torch.load(run_dir / "epoch-2" / "trainer_state.pt", weights_only=False)["ppo_state"]
+    assert (state["examples"], state["epoch"], state["epoch_offset"]) == (32, 2, 0)
