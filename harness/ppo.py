@@ -59,6 +59,7 @@ class PPOOptions:
     gold_reward: str | None = None
     max_approx_kl: float = 10.0
     lora: bool = False
+    static_cache: bool = False
 
     def __post_init__(self):
         if not self.reward_model:
@@ -176,7 +177,8 @@ class PPOTrainer:
     def rollout(self, examples, seed: int):
         ids = encode_prompts(self.tokenizer, examples, self.cfg.max_prompt_length)
         batch = generate(self.policy, self.tokenizer, ids, [e.prompt for e in examples],
-                         self.opts.max_new_tokens, self.opts.temperature, seed, self.device)
+                         self.opts.max_new_tokens, self.opts.temperature, seed, self.device,
+                         self.opts.static_cache)
         return fill(batch, self.policy, self.reference, self.critic, self.reward_model,
                     self.opts.temperature, self.opts.mini_batch_size)
 
