@@ -178,7 +178,7 @@ class PPOTrainer:
         ids = encode_prompts(self.tokenizer, examples, self.cfg.max_prompt_length)
         batch = generate(self.policy, self.tokenizer, ids, [e.prompt for e in examples],
                          self.opts.max_new_tokens, self.opts.temperature, seed, self.device,
-                         self.opts.static_cache)
+                         static_cache=self.opts.static_cache)
         return fill(batch, self.policy, self.reference, self.critic, self.reward_model,
                     self.opts.temperature, self.opts.mini_batch_size)
 

@@ -73,13 +73,13 @@ def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
 
 def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
              max_new_tokens: int, temperature: float, seed: int, device,
-             static_cache: bool = False) -> Rollout:
+             **sampling) -> Rollout:
     """Sample one response per prompt (harness.generation: left padding, stop at EOS, seeded,
-    pure temperature sampling with no top-k / top-p; one generate() call, optionally with a
-    static KV cache) and lay the batch out as above."""
+    pure temperature sampling with no top-k / top-p, one generate() call; `sampling`: more
+    SamplingConfig fields, e.g. static_cache) and lay the batch out as above."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                         batch_size=len(prompts), seed=seed, static_cache=static_cache)
+                         batch_size=len(prompts), seed=seed, **sampling)
     samples = sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
                      progress=False)
     return build_batch(samples, pad, device)

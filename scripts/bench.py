@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (MODELS, REPO, Memory, build_model_dir, check_device, emit, host_info, log,
-                      make_rows, n_params, ratio, run_worker, synchronize, timed)
+from benchlib import (MODELS, REPO, Memory, add_model_args, apply_model_args, build_model_dir,
+                      check_device, emit, host_info, log, make_rows, n_params, ratio, run_worker,
+                      synchronize, timed)
 
 _COMMON = dict(lr=1e-6, beta=0.1)
 PRESETS = {
@@ -207,7 +208,8 @@ def run_trl(spec: dict) -> dict:
                       optimizers=(optimizer, scheduler))
     trainer.train()
     synchronize(device)
-    return dict(wall_s=time.perf_counter() - start, times=timer.times, tokens=[int(m.sum()) for m in Trainer.masks],
+    return dict(wall_s=time.perf_counter() - start, times=timer.times,
+                tokens=[int(m.sum()) for m in Trainer.masks],
                 padded=[m.numel() for m in Trainer.masks], prepass_s=Trainer.prepass_s,
                 prepass_pairs=len(rows) if precompute else 0, params=n_params(policy), mem=mem,
                 examples=[m.shape[0] // 2 for m in Trainer.masks],
@@ -283,9 +285,11 @@ def run_ours_epoch(spec: dict) -> dict:
     mem = Memory(device)
     prepass = []
     prepare = BasicTrainer.prepare_reference
-    BasicTrainer.prepare_reference = lambda self: prepass.append(timed(lambda: prepare(self), device))
+    BasicTrainer.prepare_reference = lambda self: prepass.append(
+        timed(lambda: prepare(self), device))
     wall_s = timed(lambda: train.run(cfg), device)
-    return dict(wall_s=wall_s, prepass_s=sum(prepass), mem=mem, versions={"torch": torch.__version__})
+    return dict(wall_s=wall_s, prepass_s=sum(prepass), mem=mem,
+                versions={"torch": torch.__version__})
 
 
 def summarize_epoch(spec: dict, raw: dict) -> dict:
@@ -377,6 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by name)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--workdir", help="keep model, data and run dirs here (default: a temp dir)")
+    add_model_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pairs is not None and (not args.epoch or args.pairs < 1):
@@ -388,7 +393,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    preset = dict(PRESETS[args.preset])
+    preset = apply_model_args(dict(PRESETS[args.preset]), args)
     for key in ("steps", "warmup", "batch_size", "max_length"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)

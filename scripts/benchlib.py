@@ -135,6 +135,7 @@ def build_model_dir(out: Path, preset: dict, tokenizer, seed: int = 0) -> int:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, preset["dtype"]))
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings  # the model's, not the tiny one's
     tokenizer.save_pretrained(out)
     return n_params(model)
 
@@ -206,13 +207,31 @@ def host_info() -> dict:
             "machine": platform.machine()}
 
 
+def add_model_args(parser):
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="run the preset on this "
+                        "device instead (e.g. check a GPU preset's code path on a CPU)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="build this preset's model "
+                        "shape instead: --preset h100-1b --device cpu --model cpu-tiny runs the "
+                        "GPU workload (bf16, its sizes) on the tiny model")
+
+
+def apply_model_args(preset: dict, args) -> dict:
+    """The preset with --model's shape and --device (its dtype stays)."""
+    if args.model:
+        preset.update({k: v for k, v in MODELS[args.model].items() if k not in ("device", "dtype")})
+    if args.device:
+        preset["device"] = args.device
+    return preset
+
+
 def check_device(preset: str, device: str):
     """A CUDA preset on a machine without CUDA ends with a message, before any work."""
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise SystemExit(f"--preset {preset} runs on a CUDA GPU (bf16); none is visible here "
-                             "(torch.cuda.is_available() is False). Use a cpu-* preset.")
+                             "(torch.cuda.is_available() is False). Use a cpu-* preset, or "
+                             "--device cpu --model cpu-tiny to check its code path.")
 
 
 def run_worker(script: str, spec: dict, workdir: Path, label: str) -> dict:

@@ -191,13 +191,10 @@ def test_split_by_tokens_by_hand():
     """Pairs of padded lengths (chosen, rejected) = (5, 4), (3, 4), (2, 2): longest first, two
     sequences per pair, so a micro-batch of n pairs of longest length L costs 2 * n * L."""
     from preference_datasets import split_by_tokens
-    batch = dict(hand_batch())
-    batch["chosen_input_ids"] = torch.cat([batch["chosen_input_ids"], torch.tensor([[2, 0, PAD, PAD, PAD]])])
-    batch["chosen_attention_mask"] = torch.cat([batch["chosen_attention_mask"], torch.tensor([[1, 1, 0, 0, 0]])])
-    batch["chosen_labels"] = torch.cat([batch["chosen_labels"], torch.tensor([[-100, 0, -100, -100, -100]])])
-    batch["rejected_input_ids"] = torch.cat([batch["rejected_input_ids"], torch.tensor([[2, 0, PAD, PAD, PAD]])])
-    batch["rejected_attention_mask"] = torch.cat([batch["rejected_attention_mask"], torch.tensor([[1, 1, 0, 0, 0]])])
-    batch["rejected_labels"] = torch.cat([batch["rejected_labels"], torch.tensor([[-100, 0, -100, -100, -100]])])
+    third = {"input_ids": [2, 0, PAD, PAD, PAD], "attention_mask": [1, 1, 0, 0, 0],
+             "labels": [-100, 0, -100, -100, -100]}  # prompt [2], response [0] on both sides
+    batch = {k: torch.cat([v, torch.tensor([third[k.split("_", 1)[1]]])])
+             for k, v in hand_batch().items()}
     batch["prompt_input_ids"] = torch.tensor([[5, 6], [PAD, 3], [PAD, 2]])
     batch["prompt_attention_mask"] = torch.tensor([[1, 1], [0, 1], [0, 1]])
     batch["uid"] = ["a", "b", "c"]
