@@ -1,9 +1,12 @@
-"""Training-step benchmark: our BasicTrainer step against TRL's DPOTrainer, same weights and data.
+"""Training benchmark: our BasicTrainer against TRL's DPOTrainer, same weights and data.
 
     python scripts/bench.py --preset cpu-tiny                  # about a minute on 2 CPU cores
     python scripts/bench.py --preset cpu-100m --out bench.jsonl
     python scripts/bench.py --preset h100-1b                   # needs a CUDA GPU
     python scripts/bench.py --preset cpu-tiny --only ours --steps 2 --warmup 1
+    python scripts/bench.py --preset cpu-tiny --epoch          # whole DPO epochs, wall clock
+    python scripts/bench.py --preset h100-1b --device cpu --model cpu-tiny --epoch --pairs 8
+                                                       # the GPU preset's code path, on a CPU
 
 One JSON line per configuration goes to stdout (and is appended to --out); progress to stderr.
 Configurations: SFT (a bare HF step as the peer; ours; ours packed); DPO with the reference
@@ -14,7 +17,16 @@ with save_pretrained and loaded through our config, `model=blank_model`, as trai
 the same generated HH-like preference file, visited in the same order with the same batches.
 TRL's steps are timed by a TrainerCallback (on_step_begin -> on_step_end), ours around
 `BasicTrainer.train_step`: both spans are forward + backward + clip + optimizer step, without
-data loading. docs/performance.md explains the fields and holds measured figures.
+data loading.
+
+--epoch runs one epoch of DPO over `--pairs` pairs of the same length mix and times each
+trainer's whole wall clock: ours is train.py's own path (train.run: load the models, load and
+tokenize the data, the reference pre-pass, every step, the closing one-example evaluation and
+the metrics plot), TRL's is loading the models, DPOTrainer(...) (tokenizing, its pre-pass) and
+trainer.train(). Both import their modules first (not timed). It reports pairs/s and non-pad
+tokens/s of that wall clock, the pre-pass time and the process's peak memory. --levers adds
+config overrides to our runs (e.g. micro_batch_tokens=1024). docs/performance.md explains the
+fields and holds measured figures.
 """
 
 import argparse
@@ -37,9 +49,9 @@ from benchlib import (MODELS, REPO, Memory, add_model_args, apply_model_args, bu
 _COMMON = dict(lr=1e-6, beta=0.1)
 PRESETS = {
     "cpu-tiny": dict(MODELS["cpu-tiny"], **_COMMON, batch_size=4, max_length=128, steps=10,
-                     warmup=2, epoch_pairs=64),
+                     warmup=2, epoch_pairs=512),
     "cpu-100m": dict(MODELS["cpu-100m"], **_COMMON, batch_size=2, max_length=256, steps=3,
-                     warmup=1, epoch_pairs=16),
+                     warmup=1, epoch_pairs=24),
     "h100-1b": dict(MODELS["h100-1b"], **_COMMON, batch_size=8, max_length=1024, steps=20,
                     warmup=3, epoch_pairs=2048),
 }

@@ -37,8 +37,8 @@ from benchlib import (MODELS, Memory, add_model_args, apply_model_args, build_mo
 PRESETS = {  # max_length: prompts come from the length mix of this length (up to half of it)
     "cpu-tiny": dict(MODELS["cpu-tiny"], max_length=128, n_prompts=64, new_tokens=64,
                      batch_size=16, repeats=3),
-    "cpu-100m": dict(MODELS["cpu-100m"], max_length=256, n_prompts=32, new_tokens=32,
-                     batch_size=8, repeats=1),
+    "cpu-100m": dict(MODELS["cpu-100m"], max_length=256, n_prompts=24, new_tokens=24,
+                     batch_size=8, repeats=3),
     "h100-1b": dict(MODELS["h100-1b"], max_length=1024, n_prompts=64, new_tokens=256,
                     batch_size=64, repeats=3),
 }
