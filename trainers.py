@@ -324,8 +324,9 @@ class BasicTrainer:
         positions per rank), each shared out over the data-parallel ranks. The split is made
         from the whole batch, the same on every rank, so every rank runs the same number of
         forward/backward passes."""
-        if self.cfg.micro_batch_tokens:
-            parts = split_by_tokens(batch, self.cfg.micro_batch_tokens, self.dp_size)
+        budget = self.cfg.get("micro_batch_tokens")  # absent from runs saved before it existed
+        if budget:
+            parts = split_by_tokens(batch, budget, self.dp_size)
         else:
             parts = split_batch(batch, self.cfg.gradient_accumulation_steps)
         return [self.shard(mb) for mb in parts]
