@@ -238,6 +238,47 @@ def collate(items: list[dict], pad_token_id: int, examples: list[Example]) -> di
     return batch
 
 
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """The collated batch of just `rows`, in that order, with the padding columns no selected
+    row needs cut away (right of the sequences, left of the prompts)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = [value[i] for i in rows]
+            continue
+        value = value[index]
+        side = key.split("_", 1)[0]
+        mask = batch.get(f"{side}_attention_mask")
+        if mask is not None and mask.dim() == 2 and value.dim() == 2:
+            width = int(mask[index].sum(-1).max())
+            value = value[:, value.shape[1] - width:] if side == "prompt" else value[:, :width]
+        out[key] = value
+    return out
+
+
+def split_by_tokens(batch: dict, budget: int, ranks: int = 1) -> list[dict]:
+    """Micro-batches of at most `budget` padded token positions per data-parallel rank.
+
+    Examples are sorted longest first and taken greedily while a micro-batch's padded forward
+    (sequences per example x its longest sequence x ceil(examples / ranks)) fits the budget, so
+    a batch of short pairs runs in one pass and a batch of long ones in several, with little
+    padding in each. An example longer than the budget on its own gets a micro-batch of its
+    own. Every example lands in exactly one micro-batch."""
+    sides = [k[:-len("_attention_mask")] for k in ("chosen_attention_mask",
+                                                   "rejected_attention_mask") if k in batch]
+    length = torch.stack([batch[f"{s}_attention_mask"].sum(-1) for s in sides]).amax(0).tolist()
+    order = sorted(range(len(length)), key=lambda i: -length[i])  # stable: ties keep batch order
+    groups = [[order[0]]]
+    for i in order[1:]:
+        group = groups[-1]  # its first example is its longest
+        if len(sides) * math.ceil((len(group) + 1) / ranks) * length[group[0]] > budget:
+            groups.append([i])
+        else:
+            group.append(i)
+    return [select_rows(batch, group) for group in groups]
+
+
 class BatchIterator:
     """Batches of examples, tokenized lazily per batch.
 

@@ -47,6 +47,7 @@ def check_config(cfg: DictConfig, world_size: int = 1):
         if str(spec).split(":", 1)[0] not in DATASETS:
             raise ValueError(f"unknown dataset {spec!r} in datasets=; registered: {sorted(DATASETS)}")
     check_batch_split(cfg, world_size)
+    check_micro_batch_tokens(cfg)
     rank = OmegaConf.select(cfg, "model.lora.r")
     if rank is not None and not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"model.lora.r={rank!r} must be a positive integer rank (null = no LoRA)")
@@ -77,6 +78,26 @@ def check_batch_split(cfg: DictConfig, world_size: int):
             f"{accum} x {dp} data-parallel rank(s) = {accum * dp}: set batch_size to a multiple "
             f"of {accum * dp} (e.g. {good}), or change gradient_accumulation_steps or the number"
             " of processes")
+
+
+def check_micro_batch_tokens(cfg: DictConfig):
+    from harness.objectives import get_loss_spec
+    budget = cfg.get("micro_batch_tokens")
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"micro_batch_tokens={budget!r} must be a positive number of token "
+                         "positions (null = split by gradient_accumulation_steps)")
+    if cfg.gradient_accumulation_steps != 1:
+        raise ValueError("micro_batch_tokens splits the batch itself: keep "
+                         f"gradient_accumulation_steps=1 (got {cfg.gradient_accumulation_steps})")
+    if get_loss_spec(cfg.loss.name).trainer is not None:
+        raise ValueError(f"micro_batch_tokens is for the offline loop; loss={cfg.loss.name} runs "
+                         "its own (set micro_batch_tokens=null)")
+    if OmegaConf.select(cfg, "loss.pt_data"):
+        raise ValueError("micro_batch_tokens with a pretraining mix (loss.pt_data) is not "
+                         "supported: its stream counts gradient_accumulation_steps micro-batches "
+                         "per step; set micro_batch_tokens=null")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

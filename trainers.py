@@ -24,7 +24,7 @@ from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logp
 from harness.packing import pack
 from harness.run_logging import NullLogger, RunLogger
 from harness.sharded_training import DistributedMixin, SingleProcess
-from preference_datasets import BatchIterator, ExampleFormat, load_examples
+from preference_datasets import BatchIterator, ExampleFormat, load_examples, split_by_tokens
 
 
 @dataclass
@@ -298,9 +298,16 @@ class BasicTrainer(SingleProcess):
 
     def micro_batches(self, batch) -> list[tuple[dict, int]]:
         """This rank's (micro-batch, real examples): the batch is split into
-        gradient_accumulation_steps micro-batches, each shared out over the data-parallel ranks,
-        so every rank runs the same number of forward/backward passes."""
-        return [self.shard(mb) for mb in split_batch(batch, self.cfg.gradient_accumulation_steps)]
+        gradient_accumulation_steps micro-batches, or by micro_batch_tokens (padded token
+        positions per rank), each shared out over the data-parallel ranks. The split is made
+        from the whole batch, the same on every rank, so every rank runs the same number of
+        forward/backward passes."""
+        budget = self.cfg.get("micro_batch_tokens")  # absent from runs saved before it existed
+        if budget:
+            parts = split_by_tokens(batch, budget, self.dp_size)
+        else:
+            parts = split_batch(batch, self.cfg.gradient_accumulation_steps)
+        return [self.shard(mb) for mb in parts]
 
     def sync_gradients(self, now: bool):
         """Whether the coming backward reduces gradients across ranks (FSDPTrainer)."""

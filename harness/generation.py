@@ -16,7 +16,7 @@ exactly what training scores (responses end with EOS), so log-probs of samples a
 responses mean the same thing.
 
 Sampling is seeded per batch (seed + batch index) inside a forked RNG, so it never disturbs the
-caller's random state and repeats exactly for the same (seed, batch_size, prompts). Sampling
+caller's random state and repeats exactly for the same (seed, batch settings, prompts). Sampling
 uses the model's raw distribution (no top-k, no repetition penalty from a generation_config):
 with temperature=1 and top_p=1 the samples are draws from the policy itself. With `keys` (one
 integer per prompt) each sample depends only on (seed, its key, its prompt): the same on any
@@ -51,6 +51,16 @@ class SamplingConfig:
     top_p: float = 1.0
     batch_size: int = 16       # prompts per generate() call; samples depend on it (shared RNG)
     seed: int = 0
+    min_new_tokens: int = 0    # no EOS before this many tokens (benchmarks: = max_new_tokens)
+    # speed levers (docs/performance.md), off by default; the samples of one setting repeat
+    # exactly, and greedy output does not depend on them. sort_by_length: batch prompts of
+    # similar length (longest first) so batches carry less left padding. batch_tokens: also end
+    # a batch before rows x (longest prompt + max_new_tokens), its KV-cache positions, exceed
+    # this. static_cache: a preallocated KV cache; on a GPU transformers then compiles the
+    # decode step (the first batch of each shape pays the compile)
+    sort_by_length: bool = False
+    batch_tokens: int | None = None
+    static_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,29 @@ def _check_sampling(prompts, cfg: SamplingConfig):
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ValueError(f"need max_new_tokens >= 1 and batch_size >= 1, got "
                          f"{cfg.max_new_tokens} and {cfg.batch_size}")
+    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
+        raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {cfg.min_new_tokens} "
+                         f"and {cfg.max_new_tokens}")
+    if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
+        raise ValueError(f"batch_tokens={cfg.batch_tokens} must be >= 1 (None = no token cap)")
+
+
+def plan_batches(lengths: list[int], cfg: SamplingConfig) -> list[list[int]]:
+    """Prompt indices of each generate() call: batch_size prompts in order, or longest first
+    with sort_by_length; with batch_tokens a batch also ends before rows x (longest prompt +
+    max_new_tokens) exceeds it (a prompt too long for the budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if cfg.sort_by_length \
+        else list(range(len(lengths)))
+    batches, width = [[order[0]]], lengths[order[0]]
+    for i in order[1:]:
+        rows, width = len(batches[-1]) + 1, max(width, lengths[i])
+        if rows > cfg.batch_size or cfg.batch_tokens is not None and \
+                rows * (width + cfg.max_new_tokens) > cfg.batch_tokens:
+            batches.append([i])
+            width = lengths[i]
+        else:
+            batches[-1].append(i)
+    return batches
 
 
 def _trim(generated: list[int], stop: set[int]) -> tuple[list[int], bool]:
@@ -232,33 +265,48 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
     stop = eos_ids(model, tokenizer)
     greedy = cfg.temperature == 0 or keys is not None  # keyed: greedy on Gumbel-perturbed scores
     gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
-        eos_token_id=sorted(stop), **({} if greedy else dict(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
+        do_sample=not greedy, pad_token_id=pad, eos_token_id=sorted(stop),
+        cache_implementation="static" if cfg.static_cache else None, **({} if greedy else dict(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    out = []
+    out = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    starts = range(0, len(prompts), cfg.batch_size)
+    batches = plan_batches([len(e) for e in encoded], cfg)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        for index, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-            batch = encoded[start:start + cfg.batch_size]
-            ids, mask = _left_pad(batch, pad, device)
+        for index, rows in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+            ids, mask = _left_pad([encoded[i] for i in rows], pad, device)
             torch.manual_seed(cfg.seed + index)
             keyed = LogitsProcessorList([KeyedSampling(
-                cfg.seed, keys[start:start + cfg.batch_size], cfg.temperature, ids.shape[1])]
+                cfg.seed, [keys[i] for i in rows], cfg.temperature, ids.shape[1])]
                 if keys is not None else [])
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                                  logits_processor=keyed, synced_gpus=synced)
-            for row, prompt_ids in enumerate(batch):
+            for row, i in enumerate(rows):
                 completion, finished = _trim(gen[row, ids.shape[1]:].tolist(), stop)
                 text = tokenizer.decode([t for t in completion if t not in stop],
                                         skip_special_tokens=True)
-                out.append(Sample(prompts[start + row], text, tuple(prompt_ids),
-                                  tuple(completion), finished))
+                out[i] = Sample(prompts[i], text, tuple(encoded[i]), tuple(completion), finished)
     model.train(was_training)
     return out
+
+
+def add_speed_args(parser):
+    """The command-line flags of SamplingConfig's speed levers (generate_samples.py,
+    evaluate.py, serve.py); `speed_options(args)` turns them into SamplingConfig fields."""
+    parser.add_argument("--sort-by-length", action="store_true",
+                        help="batch prompts of similar length (less padding; other samples)")
+    parser.add_argument("--batch-tokens", type=int, metavar="N", help="also cap each batch at "
+                        "N KV-cache positions: rows x (longest prompt + max new tokens)")
+    parser.add_argument("--static-cache", action="store_true", help="preallocated KV cache "
+                        "(on a GPU transformers compiles the decode step)")
+
+
+def speed_options(args) -> dict:
+    return dict(sort_by_length=args.sort_by_length, batch_tokens=args.batch_tokens,
+                static_cache=args.static_cache)
 
 
 def encode_completions(tokenizer, prompts: list[str], completions: list[str],

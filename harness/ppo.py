@@ -66,6 +66,7 @@ class PPOOptions:
     critic_lr: float | None = None
     gold_reward: str | None = None
     max_approx_kl: float = 10.0
+    static_cache: bool = False
 
     def __post_init__(self):
         if not self.reward_model:
@@ -182,7 +183,8 @@ class PPOTrainer(PPOModels, SingleProcess):
         samples = generate(self.policy, self.tokenizer,
                            encode_prompts(self.tokenizer, mine, self.cfg.max_prompt_length),
                            [e.prompt for e in mine], o.max_new_tokens, o.temperature, seed,
-                           [first_key + i for i in rows], synced)
+                           [first_key + i for i in rows], synced,
+                           static_cache=o.static_cache)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id
         batch = build_batch(self.gather(samples[:n]), pad, self.device)

@@ -74,13 +74,14 @@ def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
 
 def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
              max_new_tokens: int, temperature: float, seed: int, keys: list[int],
-             synced: bool = False) -> list[Sample]:
+             synced: bool = False, **sampling) -> list[Sample]:
     """Sample one response per prompt (harness.generation: left padding, stop at EOS, pure
     temperature sampling with no top-k / top-p), keyed: response i depends only on (seed,
     keys[i]) and its prompt, so a rank sampling its share of a batch draws what one process
-    drawing the whole batch would. synced: for a model sharded over the ranks."""
+    drawing the whole batch would. synced: for a model sharded over the ranks. `sampling`: more
+    SamplingConfig fields, e.g. static_cache."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                         batch_size=len(prompts), seed=seed)
+                         batch_size=len(prompts), seed=seed, **sampling)
     return sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
                   progress=False, keys=keys, synced=synced)
 

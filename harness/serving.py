@@ -137,8 +137,11 @@ class ModelBackend:
     """A causal LM checkpoint served for completions and chat."""
     batched = True
 
-    def __init__(self, name: str, model, tokenizer, max_new_tokens: int = 512):
+    def __init__(self, name: str, model, tokenizer, max_new_tokens: int = 512,
+                 sampling: dict | None = None):
         self.name, self.model, self.tok, self.max_new_tokens = name, model, tokenizer, max_new_tokens
+        # SamplingConfig fields fixed for every request: the speed levers (serve.py --static-cache)
+        self.sampling = sampling or {}
         limits = [getattr(model.config, "max_position_embeddings", None),
                   tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None]
         self.context = min(x for x in limits if x) if any(limits) else 2048
@@ -164,7 +167,8 @@ class ModelBackend:
             cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                  top_p=params.top_p if params.top_p > 0 else 1e-6,
                                  batch_size=len(prompts), seed=params.seed if params.seed is not
-                                 None else int.from_bytes(uuid.uuid4().bytes[:4], "big"))
+                                 None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
+                                 **self.sampling)
             samples = sample(self.model, self.tok, prompts, cfg, progress=False)
         outs = []
         for s in samples:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.evaluation import (EvalConfig, evaluate, format_line, output_path,  # noqa: E402
                                 write_result)
-from harness.generation import SamplingConfig  # noqa: E402
+from harness.generation import SamplingConfig, add_speed_args, speed_options  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
+    add_speed_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="output JSON path (one checkpoint only; default: next to it)")
@@ -68,7 +69,8 @@ def main(argv=None) -> list[dict]:
                      n_prompts=args.n_prompts, prompts_file=args.prompts_file,
                      sampling=SamplingConfig(max_new_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_p=args.top_p,
-                                             batch_size=args.batch_size, seed=args.seed),
+                                             batch_size=args.batch_size, seed=args.seed,
+                                             **speed_options(args)),
                      policy_prompt_suffix=args.policy_prompt_suffix,
                      base_model=args.base_model, reference_base_model=args.reference_base_model,
                      device=args.device, dtype=args.dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
+from harness.generation import add_speed_args, speed_options  # noqa: E402
 from harness.sample_files import instruction_of, load_prompt_set, sample_row  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--generator", help="name recorded with the samples (default: checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--count-prompts", action="store_true", help="print the prompt count, exit")
+    add_speed_args(p)
     args = p.parse_args(argv)
     if not args.count_prompts and (args.checkpoint is None or args.out is None):
         p.error("give a checkpoint and --out (or --count-prompts)")
@@ -80,7 +82,7 @@ def generate(args, prompts: list[str]) -> list[list[str]]:
     per_prompt = [[] for _ in prompts]
     for k in range(args.n_samples):
         cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.batch_size,
-                             seed=_seed(args.seed, args.start, k))
+                             seed=_seed(args.seed, args.start, k), **speed_options(args))
         for i, s in enumerate(sample(model, tok, prompts, cfg, desc=f"sample {k + 1}/{args.n_samples}")):
             per_prompt[i].append(" " + s.completion.lstrip(" ") if s.completion else s.completion)
     return per_prompt
@@ -100,6 +102,7 @@ def main(argv=None):
                   "split": args.split, "range": [args.start, end], "n_samples": args.n_samples,
                   "temperature": args.temperature, "top_p": args.top_p,
                   "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                  **speed_options(args),
                   "seed": args.seed, "created": datetime.datetime.now(datetime.UTC).isoformat()}
     if args.format == "alpaca_eval":
         rows = [{"instruction": instruction_of(p), "output": s[0].lstrip(" "), "generator": generator,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.generation import add_speed_args, speed_options  # noqa: E402
 from harness.openai_client import api_key_from_env  # noqa: E402
 from harness.serving import (Batcher, HttpError, ModelBackend, ScriptedJudge,  # noqa: E402
                              parse_messages, parse_params, parse_prompts)
@@ -224,7 +225,7 @@ def build_backends(args) -> dict:
         name, path = _named(spec, "--model")
         model, tok = load_checkpoint(path, base_model=args.base_model, dtype=args.dtype,
                                      device=args.device)
-        backends[name] = ModelBackend(name, model, tok, args.max_new_tokens)
+        backends[name] = ModelBackend(name, model, tok, args.max_new_tokens, speed_options(args))
     for spec in args.gold_judge or []:
         from harness.judges import load_template
         from harness.toy_task import get_gold_reward
@@ -252,6 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--max-new-tokens", type=int, default=512, help="upper bound for max_tokens")
+    add_speed_args(p)  # how a batch of requests is generated (docs/performance.md)
     p.add_argument("--faults", default="", help=f"testing: comma list of {FAULTS}")
     p.add_argument("--fail-always", help="testing: 500 for request bodies containing this")
     p.add_argument("--hang-seconds", type=float, default=30.0)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {"preset", "config", "impl", "loss", "reference", "device", "dtype", "batch_size",
           "max_length", "steps", "warmup", "date", "host", "step_time_s", "step_times_s",
@@ -53,3 +55,37 @@ def test_gpu_preset_fails_clearly_without_cuda():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "h100-1b"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "CUDA" in proc.stderr and not proc.stdout
+
+
+def bench(tmp_path, *args, script="bench.py"):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--threads", "1", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_bench_epoch_mode_times_whole_epochs_of_both_trainers(tmp_path):
+    trl, ours = bench(tmp_path, "--preset", "cpu-tiny", "--epoch", "--pairs", "8",
+                      "--configs", "dpo_precomputed")
+    for row in (trl, ours):
+        assert (row["mode"], row["pairs"], row["steps"], row["batch_size"]) == ("epoch", 8, 2, 4)
+        # the wall clock holds the reference pre-pass and the steps (and the loading)
+        assert row["wall_s"] > row["prepass_s"] > 0
+        assert row["pairs_per_s"] == pytest.approx(8 / row["wall_s"], rel=1e-3)
+        assert row["tokens_per_s"] == pytest.approx(row["epoch_tokens"] / row["wall_s"], rel=1e-3)
+        assert row["peak_memory_delta_mib"] > 0
+    assert (trl["impl"], ours["impl"]) == ("trl", "ours")
+    assert trl["epoch_tokens"] == ours["epoch_tokens"] > 8 * 2 * 10
+    assert ours["vs_trl"]["pairs_per_s_ratio"] == pytest.approx(
+        ours["pairs_per_s"] / trl["pairs_per_s"], abs=1e-3)
+
+
+def test_gpu_preset_code_path_runs_on_cpu(tmp_path):
+    """--device cpu --model cpu-tiny: the h100-1b workload (bf16, batch 8, max_length 1024, the
+    levers) on the tiny model, so the GPU preset's path is checked where no GPU is."""
+    [row] = bench(tmp_path, "--preset", "h100-1b", "--device", "cpu", "--model", "cpu-tiny",
+                  "--epoch", "--pairs", "8", "--only", "ours", "--configs",
+                  "dpo_precomputed_packed", "--levers", "micro_batch_tokens=4096")
+    assert (row["dtype"], row["device"], row["max_length"], row["batch_size"]) == \
+        ("bfloat16", "cpu", 1024, 8)
+    assert row["params"] < 10**6 and row["steps"] == 1 and "micro_batch_tokens=4096" in row["levers"]

@@ -78,13 +78,17 @@ def runs(tmp_path_factory):
         "sft_tp": launch(base, "sfttp", "trainer=TensorParallelTrainer"),
         "dpo": in_process(base, "dpo1", *DPO),
         "dpo_fsdp": launch(base, "dpofsdp", *DPO, "trainer=FSDPTrainer"),
+        # micro-batches by token budget instead of 2 equal ones: 2 x ceil(n / 2 ranks) x longest
+        # <= 140 splits each batch of 8 pairs (30-37 tokens) into 2 + 2 + 4
+        "dpo_fsdp_tokens": launch(base, "dpofsdptok", *DPO, "trainer=FSDPTrainer",
+                                  "gradient_accumulation_steps=1", "micro_batch_tokens=140"),
         "dpo_tp": launch(base, "dpotp", *DPO, "trainer=TensorParallelTrainer",
                          "precompute_reference=false"),
         "base": base,
     }
 
 
-@pytest.mark.parametrize("name", ["sft_fsdp", "sft_tp", "dpo_fsdp", "dpo_tp"])
+@pytest.mark.parametrize("name", ["sft_fsdp", "sft_tp", "dpo_fsdp", "dpo_tp", "dpo_fsdp_tokens"])
 def test_two_ranks_match_one_process(runs, name):
     single = runs[name.split("_")[0]]
     assert_same_run(single, runs[name])

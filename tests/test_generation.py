@@ -7,7 +7,7 @@ import torch
 
 from harness.generation import (KeyedSampling, SamplingConfig, completion_logps,
                                 completion_token_logps, encode_completions, hash32,
-                                load_checkpoint, resolve_checkpoint, sample)
+                                load_checkpoint, plan_batches, resolve_checkpoint, sample)
 from harness.modeling import REPO_ROOT
 from harness.toy_task import toy_records
 
@@ -77,6 +77,10 @@ def test_keyed_samples_do_not_depend_on_the_batch(tiny):
                    progress=False, keys=keys[::-1])
     assert whole == split[::-1]
     assert len({s.completion for s in whole}) > 3  # samples, not one greedy answer
+    # nor on how the batches are planned or which KV cache holds them (PPO's loss.static_cache)
+    levers = SamplingConfig(seed=3, batch_size=4, max_new_tokens=24, sort_by_length=True,
+                            static_cache=True)
+    assert sample(model, tok, PROMPTS, levers, progress=False, keys=keys) == whole
     other_seed = sample(model, tok, PROMPTS, SamplingConfig(seed=4, batch_size=6,
                                                             max_new_tokens=24),
                         progress=False, keys=keys)
@@ -93,6 +97,66 @@ def test_left_padding_does_not_change_greedy_completions(tiny):
     alone = sample(model, tok, PROMPTS, SamplingConfig(**{**greedy.__dict__, "batch_size": 1}),
                    progress=False)
     assert [s.completion_ids for s in batched] == [s.completion_ids for s in alone]
+
+
+def test_plan_batches_by_hand():
+    lengths = [5, 9, 2, 7, 3]
+    assert plan_batches(lengths, SamplingConfig(batch_size=2)) == [[0, 1], [2, 3], [4]]
+    # longest first: 9 7 | 5 3 | 2
+    assert plan_batches(lengths, SamplingConfig(batch_size=2, sort_by_length=True)) == \
+        [[1, 3], [0, 4], [2]]
+    # KV-cache positions rows x (longest + 4 new tokens) <= 30: [9+4] x 2 = 26 fits, x 3 = 39
+    # does not; then 5 3 2: 3 x (5 + 4) = 27 fits
+    cfg = SamplingConfig(batch_size=8, sort_by_length=True, batch_tokens=30, max_new_tokens=4)
+    assert plan_batches(lengths, cfg) == [[1, 3], [0, 4, 2]]
+    # in prompt order, budget 24: 5 | 9 (2 x 13 = 26) | 2 7 (2 x 11 = 22) | 3 (3 x 11 = 33)
+    cfg = SamplingConfig(batch_size=8, batch_tokens=24, max_new_tokens=4)
+    assert plan_batches(lengths, cfg) == [[0], [1], [2, 3], [4]]
+    # a prompt longer than the budget still gets a batch of its own
+    assert plan_batches([50, 1], SamplingConfig(batch_tokens=8, max_new_tokens=4)) == [[0], [1]]
+
+
+def test_speed_levers_keep_greedy_output_and_repeat_samples(tiny):
+    """sort_by_length, batch_tokens and a static KV cache: the same greedy completions as the
+    default batching; sampling with a static cache draws the same samples as the dynamic one;
+    with sorting, samples repeat for the same settings and come back in prompt order."""
+    model, tok = tiny
+    prompts = [p * (1 + i % 3) for i, p in enumerate(PROMPTS)]  # 1-3 copies: varied lengths
+    base = SamplingConfig(temperature=0, max_new_tokens=16, batch_size=2)
+    plain = sample(model, tok, prompts, base, progress=False)
+    lengths = [len(s.prompt_ids) for s in plain]
+    for levers in ({"sort_by_length": True}, {"batch_tokens": 120}, {"static_cache": True},
+                   {"sort_by_length": True, "batch_tokens": 120, "static_cache": True}):
+        cfg = SamplingConfig(**{**base.__dict__, **levers})
+        # the batches really differ from the default's [[0, 1], [2, 3], [4, 5]]
+        assert (plan_batches(lengths, cfg) != plan_batches(lengths, base)) == \
+            (levers != {"static_cache": True})
+        assert sample(model, tok, prompts, cfg, progress=False) == plain, levers
+    sampled = SamplingConfig(seed=5, max_new_tokens=16, batch_size=2)
+    dynamic = sample(model, tok, prompts, sampled, progress=False)
+    static = SamplingConfig(**{**sampled.__dict__, "static_cache": True})
+    assert sample(model, tok, prompts, static, progress=False) == dynamic
+    assert dynamic != plain  # sampled, not greedy
+    sort = SamplingConfig(**{**sampled.__dict__, "sort_by_length": True})
+    first = sample(model, tok, prompts, sort, progress=False)
+    assert first == sample(model, tok, prompts, sort, progress=False)
+    assert [s.prompt for s in first] == prompts
+
+
+def test_min_new_tokens_holds_back_eos(tiny):
+    model, tok = tiny
+    free = sample(model, tok, PROMPTS, SamplingConfig(seed=1, max_new_tokens=24), progress=False)
+    assert any(len(s.completion_ids) < 12 for s in free)  # the tiny model ends early otherwise
+    cfg = SamplingConfig(seed=1, max_new_tokens=24, min_new_tokens=12)
+    for s in sample(model, tok, PROMPTS, cfg, progress=False):
+        assert len(s.completion_ids) >= 12 and tok.eos_token_id not in s.completion_ids[:12]
+    full = SamplingConfig(seed=1, max_new_tokens=12, min_new_tokens=12)
+    assert all(len(s.completion_ids) == 12 and not s.finished
+               for s in sample(model, tok, PROMPTS, full, progress=False))
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        sample(model, tok, PROMPTS, SamplingConfig(max_new_tokens=4, min_new_tokens=5))
+    with pytest.raises(ValueError, match="batch_tokens"):
+        sample(model, tok, PROMPTS, SamplingConfig(batch_tokens=0))
 
 
 def test_token_logps_sum_to_sequence_logps(tiny):

@@ -142,29 +142,77 @@ def test_fused_optimizer_matches_foreach():
     assert not params[True][0].equal(torch.zeros(4, 3))
 
 
-def test_dpo_run_with_levers_matches_plain_run(tmp_path):
-    """Same data, same steps: the eval and train metrics of a packed, prefix-shared DPO run
-    equal the plain run's (losses, rewards, log-probs), step for step."""
+def test_dpo_run_with_levers_matches_plain_run(tmp_path, monkeypatch):
+    """Same data, same steps: the eval and train metrics of a packed, prefix-shared DPO run, and
+    of one split into micro-batches by a token budget, equal the plain run's (losses, rewards,
+    log-probs), step for step."""
+    import trainers
     from tests.test_train import run
     from harness.run_logging import read_metrics
+    splits = []
+    split = trainers.split_by_tokens
+    monkeypatch.setattr(trainers, "split_by_tokens",
+                        lambda *a: splits.append(split(*a)) or splits[-1])
     common = ["loss=dpo", "loss.beta=0.1", "n_examples=48", "eval_every=32", "lr=1e-2",
               "minimum_log_interval_secs=0"]
     rows = {}
     for name, levers in {"plain": [], "fast": ["packing=true", "prefix_sharing=true",
-                                               "fused_optimizer=true", "pack_length=300"]}.items():
+                                               "fused_optimizer=true", "pack_length=300"],
+                         "budget": ["micro_batch_tokens=200"]}.items():
         run_dir = run(tmp_path / name, *common, *levers)
         rows[name] = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows["plain"]] == [r["step"] for r in rows["fast"]]
+    # the budget split some batches (4 pairs each) and kept others whole
+    # three batches of 16 pairs, split where lengths say: 2 long pairs or 3 shorter ones per
+    # micro-batch (2 sequences x 3 x 33 tokens fit 200), every pair exactly once
+    sizes = [[len(mb["uid"]) for mb in s] for s in splits]
+    assert len(sizes) == 3 and all(sum(s) == 16 and {2, 3} <= set(s) for s in sizes), sizes
+    assert all(len({u for mb in s for u in mb["uid"]}) == 16 for s in splits)
+    for name in ("fast", "budget"):
+        assert_same_metrics(rows["plain"], rows[name])
+    assert rows["plain"][-1]["loss/eval"] != pytest.approx(0.6931, abs=1e-3)
+
+
+def assert_same_metrics(plain_rows, other_rows):
+    assert [r["step"] for r in plain_rows] == [r["step"] for r in other_rows]
     compared = 0
-    for plain, fast in zip(rows["plain"], rows["fast"]):
+    for plain, other in zip(plain_rows, other_rows):
         for key, value in plain.items():
-            if key.endswith("accuracies") and plain["step"] == 0:
+            if key.endswith("accuracies") and abs(plain[key.replace("accuracies",
+                                                                    "margins")]) < 1e-4:
                 continue  # policy == reference: rewards are +-1e-7 float noise, signs arbitrary
             if key.split("/")[0] in ("loss", "rewards_train", "rewards_eval", "logps_train",
                                      "logps_eval"):
-                assert fast[key] == pytest.approx(value, abs=2e-4, rel=1e-4), (plain["step"], key)
+                assert other[key] == pytest.approx(value, abs=2e-4, rel=1e-4), (plain["step"], key)
                 compared += 1
-    assert compared > 20 and rows["plain"][-1]["loss/eval"] != pytest.approx(0.6931, abs=1e-3)
+    assert compared > 20
+
+
+def test_split_by_tokens_by_hand():
+    """Pairs of padded lengths (chosen, rejected) = (5, 4), (3, 4), (2, 2): longest first, two
+    sequences per pair, so a micro-batch of n pairs of longest length L costs 2 * n * L."""
+    from preference_datasets import split_by_tokens
+    third = {"input_ids": [2, 0, PAD, PAD, PAD], "attention_mask": [1, 1, 0, 0, 0],
+             "labels": [-100, 0, -100, -100, -100]}  # prompt [2], response [0] on both sides
+    batch = {k: torch.cat([v, torch.tensor([third[k.split("_", 1)[1]]])])
+             for k, v in hand_batch().items()}
+    batch["prompt_input_ids"] = torch.tensor([[5, 6], [PAD, 3], [PAD, 2]])
+    batch["prompt_attention_mask"] = torch.tensor([[1, 1], [0, 1], [0, 1]])
+    batch["uid"] = ["a", "b", "c"]
+    # budget 16: a alone (a + b = 2 * 2 * 5 = 20); b + c = 2 * 2 * 4 = 16 fits
+    first, second = split_by_tokens(batch, 16)
+    assert first["uid"] == ["a"] and second["uid"] == ["b", "c"]
+    assert first["chosen_input_ids"].tolist() == [[5, 6, 7, 8, 0]]
+    assert first["rejected_input_ids"].tolist() == [[5, 6, 9, 0]]  # its padding column cut
+    assert second["chosen_input_ids"].tolist() == [[3, 4, 0], [2, 0, PAD]]
+    assert second["chosen_labels"].tolist() == [[-100, 4, 0], [-100, 0, -100]]
+    assert second["rejected_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert second["prompt_input_ids"].tolist() == [[3], [2]]  # left padding cut
+    assert first["prompt_input_ids"].tolist() == [[5, 6]]
+    # two ranks share each micro-batch: a + b = 2 * 1 * 5 = 10 fits; + c = 2 * 2 * 5 = 20 not
+    assert [mb["uid"] for mb in split_by_tokens(batch, 16, ranks=2)] == [["a", "b"], ["c"]]
+    # a budget below the longest pair still runs every pair, one per micro-batch
+    assert [mb["uid"] for mb in split_by_tokens(batch, 1)] == [["a"], ["b"], ["c"]]
+    assert [mb["uid"] for mb in split_by_tokens(batch, 10**6)] == [["a", "b", "c"]]
 
 
 def test_bf16_autocast_keeps_fp32_master_weights_and_stays_close(toy_pairs):
