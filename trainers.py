@@ -187,7 +187,7 @@ class BasicTrainer(SingleProcess):
             self.cfg.model, {"tokenizer": self.cfg.model.tokenizer_name_or_path or
                              self.cfg.model.name_or_path, "max_length": self.cfg.max_length,
                              "max_prompt_length": self.cfg.max_prompt_length},
-            [e.uid for e in examples])
+            [e.uid for e in examples], self.cfg.amp_dtype)
         self.reference_table = self.load_reference_table(key, loader)
         self.reference_model = None  # training holds no reference model from here on
 

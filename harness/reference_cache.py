@@ -14,15 +14,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harness import lora
 
-def cache_key(model_cfg, tokenizer_settings: dict, uids: list[str]) -> str:
+
+def cache_key(model_cfg, tokenizer_settings: dict, uids: list[str],
+              amp_dtype: str | None = None) -> str:
+    """The identity of a reference table: the weights (model, archive file), the precision they
+    run in (a LoRA run's reference is the policy with adapters off, so the policy's dtype; the
+    autocast dtype), the tokenization and the examples."""
     archive = model_cfg.get("archive")
     archive_id = None
     if archive and os.path.exists(archive):
         st = os.stat(archive)
         archive_id = [os.path.abspath(archive), st.st_size, st.st_mtime_ns]
     ident = {"model": model_cfg.name_or_path, "archive": archive_id,
-             "dtype": model_cfg.reference_dtype, **tokenizer_settings,
+             "dtype": model_cfg.policy_dtype if lora.enabled(model_cfg) else
+             model_cfg.reference_dtype, "amp_dtype": amp_dtype, **tokenizer_settings,
              "uids": hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
