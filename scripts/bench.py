@@ -216,7 +216,8 @@ def warm_imports():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (our run logger plots the metrics at the end)
-    import trl  # noqa: F401
+    if importlib.util.find_spec("trl") is not None:  # the peer; --only ours runs without it
+        import trl  # noqa: F401
     import train  # noqa: F401
     import trainers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
