@@ -22,6 +22,8 @@ import datasets
 import numpy as np
 import torch
 
+from harness import registry
+
 logger = logging.getLogger(__name__)
 
 Records = dict[str, dict]
@@ -35,14 +37,8 @@ TRUNCATION_MODES = tuple(_TRUNCATE)
 TEST_FRACTION = 0.05  # share of prompts held out by hash for sources without a test split
 
 
-def register(name: str):
-    """Decorator: make a loader available as get_dataset(name)."""
-    def wrap(fn):
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = fn
-        return fn
-    return wrap
+# decorator: @register("name") makes a loader available as get_dataset(name)
+register = registry.decorator(DATASETS, "dataset")
 
 
 def in_test_split(key: str) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.openai_client import RetryableError, choice_of, usage_of
+from harness import registry
 from harness.winrate import combine_orders
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge_templates"
@@ -27,13 +28,7 @@ PLACEHOLDERS = ("{instruction}", "{output_a}", "{output_b}")
 JUDGES = {}
 
 
-def register_judge(name: str):
-    def wrap(factory):
-        if name in JUDGES:
-            raise ValueError(f"judge {name!r} is registered twice")
-        JUDGES[name] = factory
-        return factory
-    return wrap
+register_judge = registry.decorator(JUDGES, "judge")
 
 
 def make_judge(spec: str, args):

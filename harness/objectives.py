@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 import losses
+from harness import registry
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, spec: LossSpec) -> LossSpec:
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} is registered twice")
-    LOSSES[name] = spec
-    return spec
+    return registry.add(LOSSES, "loss", name, spec)
 
 
 def get_loss_spec(name: str) -> LossSpec:

@@ -22,6 +22,8 @@ import random
 import re
 from typing import Callable
 
+from harness import registry
+
 # ---------------------------------------------------------------- vocabulary
 # Small word lists keep the BPE vocabulary tiny, so a ~150k-parameter model
 # can learn the language well and only the *choice* of words is left to learn.
@@ -134,14 +136,9 @@ GoldReward = Callable[[str, str], float]
 GOLD_REWARDS: dict[str, GoldReward] = {}
 
 
-def register_gold_reward(name: str) -> Callable[[GoldReward], GoldReward]:
-    """Decorator: make `fn(prompt, completion) -> float` available as `get_gold_reward(name)`."""
-    def wrap(fn: GoldReward) -> GoldReward:
-        if name in GOLD_REWARDS:
-            raise ValueError(f"gold reward {name!r} is already registered")
-        GOLD_REWARDS[name] = fn
-        return fn
-    return wrap
+# decorator: @register_gold_reward("name") makes `fn(prompt, completion) -> float` available as
+# get_gold_reward(name)
+register_gold_reward = registry.decorator(GOLD_REWARDS, "gold reward")
 
 
 def get_gold_reward(name: str) -> GoldReward:
