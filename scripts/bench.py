@@ -38,13 +38,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from bench_peers import run_bare, run_trl
-from benchlib import (MODELS, REPO, Memory, add_model_args, apply_model_args, build_model_dir,
+from benchlib import (MODELS, REPO, Memory, add_model_args, build_model_dir,
                       check_device, emit, host_info, log, make_rows, n_params, ratio, run_worker,
-                      timed)
+                      setup, timed)
 
 _COMMON = dict(lr=1e-6, beta=0.1)
 PRESETS = {
@@ -288,15 +287,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    preset = apply_model_args(dict(PRESETS[args.preset]), args)
-    for key in ("steps", "warmup", "batch_size", "max_length"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
-    check_device(args.preset, preset["device"])
-    from harness.modeling import load_tokenizer
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(args.tokenizer)
+    preset, workdir, tokenizer = setup(
+        args, PRESETS, {k: k for k in ("steps", "warmup", "batch_size", "max_length")}, "bench_")
     n_rows = (args.pairs or preset["epoch_pairs"]) if args.epoch else \
         (preset["warmup"] + preset["steps"]) * preset["batch_size"]
     log(f"preset {args.preset}: building the model and {n_rows} train rows in {workdir}")

@@ -26,13 +26,12 @@ import json
 import statistics
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (MODELS, Memory, add_model_args, apply_model_args, build_model_dir,
+from benchlib import (MODELS, Memory, add_model_args, build_model_dir,
                       check_device, emit, host_info, log, make_rows, n_params, ratio, run_worker,
-                      synchronize)
+                      setup, synchronize)
 
 PRESETS = {  # max_length: prompts come from the length mix of this length (up to half of it)
     "cpu-tiny": dict(MODELS["cpu-tiny"], max_length=128, n_prompts=64, new_tokens=64,
@@ -193,16 +192,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    preset = apply_model_args(dict(PRESETS[args.preset]), args)
-    for key, field in (("prompts", "n_prompts"), ("new_tokens", "new_tokens"),
-                       ("batch_size", "batch_size"), ("repeats", "repeats")):
-        if getattr(args, key) is not None:
-            preset[field] = getattr(args, key)
-    check_device(args.preset, preset["device"])
-    from harness.modeling import load_tokenizer
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_generate_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(args.tokenizer)
+    preset, workdir, tokenizer = setup(
+        args, PRESETS, {"prompts": "n_prompts", "new_tokens": "new_tokens",
+                        "batch_size": "batch_size", "repeats": "repeats"}, "bench_generate_")
     log(f"preset {args.preset}: building the model and {preset['n_prompts']} prompts in {workdir}")
     params = build_model_dir(workdir / "model", preset, tokenizer)
     rows = make_rows(tokenizer, preset["n_prompts"], preset["max_length"],

@@ -224,6 +224,20 @@ def apply_model_args(preset: dict, args) -> dict:
     return preset
 
 
+def setup(args, presets: dict, sizes: dict, prefix: str):
+    """(preset, work dir, tokenizer) of a benchmark's main: the preset with --model / --device and
+    the size flags given (sizes: argument name -> preset key), checked for its device."""
+    preset = apply_model_args(dict(presets[args.preset]), args)
+    for arg, key in sizes.items():
+        if getattr(args, arg) is not None:
+            preset[key] = getattr(args, arg)
+    check_device(args.preset, preset["device"])
+    from harness.modeling import load_tokenizer
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return preset, workdir, load_tokenizer(args.tokenizer)
+
+
 def check_device(preset: str, device: str):
     """A CUDA preset on a machine without CUDA ends with a message, before any work."""
     if device == "cuda":
