@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor
 
 from harness.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
-                              load_tokenizer, resolve_path, sequence_logps)
+                              load_tokenizer, pad_id, resolve_path, sequence_logps)
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
         raise ValueError(f"keyed sampling needs one key per prompt ({len(keys)} keys, "
                          f"{len(prompts)} prompts), temperature > 0 and top_p = 1")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     stop = eos_ids(model, tokenizer)
     greedy = cfg.temperature == 0 or keys is not None  # keyed: greedy on Gumbel-perturbed scores
     gen_cfg = GenerationConfig(
@@ -345,7 +345,7 @@ def completion_logps(model, tokenizer, samples: list[Sample], batch_size: int = 
     if not samples:
         raise ValueError("no samples to score")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     logps, counts = [], []
     batches = _scoring_batches(samples, pad, batch_size, device)
     for ids, mask, labels in tqdm(batches, total=-(-len(samples) // batch_size), desc=desc,
@@ -365,7 +365,7 @@ def completion_token_logps(model, tokenizer, samples: list[Sample], batch_size: 
     if not samples:
         raise ValueError("no samples to score")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out = []
     for ids, mask, labels in _scoring_batches(samples, pad, batch_size, device):
         targets = labels[:, 1:]

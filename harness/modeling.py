@@ -44,6 +44,11 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad token, or its EOS where it has none (what load_tokenizer sets)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None,
                meta: bool = False):
     """A causal LM from a hub id or local dir; `archive` (a policy.pt) replaces its weights.

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import losses
 from harness import checkpoints, distributed, schedule
+from harness.modeling import pad_id
 from harness.objectives import LossSpec, register_loss
 from harness import reward_model as rm  # a module: the loss table imports both in turn
 from harness.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
@@ -185,9 +186,7 @@ class PPOTrainer(PPOModels, SingleProcess):
                            [e.prompt for e in mine], o.max_new_tokens, o.temperature, seed,
                            [first_key + i for i in rows], synced,
                            static_cache=o.static_cache)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
-            self.tokenizer.eos_token_id
-        batch = build_batch(self.gather(samples[:n]), pad, self.device)
+        batch = build_batch(self.gather(samples[:n]), pad_id(self.tokenizer), self.device)
         rows, n = distributed.even_share(len(batch.samples), self.dp_rank, self.dp_size)
         part = fill(batch.select(torch.tensor(rows, device=self.device)), self.policy,
                     self.reference, self.critic, self.reward_model, o.temperature,

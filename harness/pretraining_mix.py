@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from harness.loaders import read_json
+from harness.modeling import pad_id
 
 TOY_DOCUMENTS = 2000  # bundled toy corpus size when pt_data=toy
 
@@ -71,7 +72,7 @@ class PretrainStream:
 
     def __init__(self, documents: list[str], tokenizer, max_length: int, seed: int):
         eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.pad = pad_id(tokenizer)
         self.rows = []
         for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
             ids = list(ids) + [eos]  # the model learns where a document ends
