@@ -94,10 +94,6 @@ def check_micro_batch_tokens(cfg: DictConfig):
     if get_loss_spec(cfg.loss.name).trainer is not None:
         raise ValueError(f"micro_batch_tokens is for the offline loop; loss={cfg.loss.name} runs "
                          "its own (set micro_batch_tokens=null)")
-    if OmegaConf.select(cfg, "loss.pt_data"):
-        raise ValueError("micro_batch_tokens with a pretraining mix (loss.pt_data) is not "
-                         "supported: its stream counts gradient_accumulation_steps micro-batches "
-                         "per step; set micro_batch_tokens=null")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

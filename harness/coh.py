@@ -166,6 +166,10 @@ def coh_settings(cfg) -> CohSettings:
                          "(a text file, a hub dataset id, or 'toy')")
     if loss.pt_data and _looks_like_path(loss.pt_data) and not _exists(loss.pt_data):
         raise FileNotFoundError(f"loss.pt_data={loss.pt_data!r}: no such file")
+    if loss.pt_data and cfg.get("micro_batch_tokens"):
+        raise ValueError("micro_batch_tokens with a pretraining mix (loss.pt_data) is not "
+                         "supported: its stream counts gradient_accumulation_steps micro-batches "
+                         "per step; set micro_batch_tokens=null")
     total = sum(weights.values())
     phrase = loss.inference_phrase
     if phrase is None:  # the set's first positive wording, as the paper prompts at inference

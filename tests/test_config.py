@@ -100,6 +100,7 @@ def test_every_trainer_composes(trainer):
     (["micro_batch_tokens=2048", "gradient_accumulation_steps=2", "batch_size=4"],
      "gradient_accumulation_steps=1"),
     (["loss=ppo", "loss.reward_model=R", "micro_batch_tokens=2048"], "offline loop"),
+    (["loss=coh", "loss.pt_data=toy", "micro_batch_tokens=2048"], "pretraining mix"),
     (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
     (["model.lora.r=0"], "model.lora.r"),
     (["model.lora.r=8", "trainer=TensorParallelTrainer"], "LoRA"),
