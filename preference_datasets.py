@@ -8,7 +8,7 @@
 
 Prompts look like "\\n\\nHuman: ...\\n\\nAssistant:" and responses start with a space. A spec
 is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders
-live in harness/loaders.py (imported at the bottom to fill the registry). Tokenisation and
+live in harness/data/sources.py (imported at the bottom to fill the registry). Tokenisation and
 truncation follow the DPO reference `tokenize_batch_element`.
 """
 import hashlib
@@ -327,4 +327,4 @@ class BatchIterator:
 
 
 # Last, because the loaders import register() from this module: this fills DATASETS.
-import harness.loaders  # noqa: E402,F401
+import harness.data.sources  # noqa: E402,F401

@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness import distributed
+from harness.parallel import distributed
 from harness.checkpoints import atomic_write_text, get_local_run_dir, load_for_resume
 
 # keys a resumed run may change on the command line; everything else comes from the run's config
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
     if cfg.resume:
         cfg = resumed_config(cfg, overrides)
     check_config(cfg, distributed.planned_world_size(cfg))
-    from harness.modeling import check_model_source
+    from harness.models.modeling import check_model_source
     check_model_source(cfg.model.name_or_path)
     created = distributed.init(cfg)
     try:
@@ -135,9 +135,9 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
 
 
 def _run(cfg: DictConfig) -> str:
-    from harness import lora
-    from harness.modeling import load_model, load_tokenizer
-    from harness.parallel import single_process_device_map
+    from harness.models import lora
+    from harness.models.modeling import load_model, load_tokenizer
+    from harness.parallel.parallelize import single_process_device_map
     from harness.objectives import get_loss_spec, load_policy, needs_reference
     from trainers import TRAINERS
     # the offline loop of trainer=..., unless the loss brings its own (PPO's rollout loop)

@@ -2,10 +2,10 @@
 
 BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
 micro-batches -> log -> checkpoint when due. What differs between losses is one step function
-picked from the loss table (harness/objectives.py). FSDPTrainer / TensorParallelTrainer change
+picked from the loss table (harness/objectives/__init__.py). FSDPTrainer / TensorParallelTrainer change
 only how the model is wrapped, which examples a rank sees, how metrics are summed over ranks,
 how gradients are clipped and how checkpoints are gathered; the parallelism itself lives in
-harness/parallel.py and the launch in harness/distributed.py.
+harness/parallel/parallelize.py and the launch in harness/parallel/distributed.py.
 """
 
 import inspect
@@ -18,12 +18,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from harness import checkpoints, distributed, lora, reference_cache, schedule
+from harness import checkpoints
+from harness.parallel import distributed
+from harness.models import lora
+from harness.training import reference_cache, schedule
 from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
-from harness.modeling import packed_sequence_logps, save_hf_model, sequence_logps
-from harness.packing import pack
-from harness.run_logging import NullLogger, RunLogger
-from harness.sharded_training import DistributedMixin, SingleProcess
+from harness.models.modeling import packed_sequence_logps, save_hf_model, sequence_logps
+from harness.data.packing import pack
+from harness.training.run_logging import NullLogger, RunLogger
+from harness.training.strategy import DistributedMixin, SingleProcess
 from preference_datasets import BatchIterator, ExampleFormat, load_examples, split_by_tokens
 
 
@@ -87,7 +90,7 @@ class BasicTrainer(SingleProcess):
 
     @property
     def trained(self):
-        """The module the optimizer updates (harness/sharded_training.py)."""
+        """The module the optimizer updates (harness/training/strategy.py)."""
         return self.policy
 
     # ---- data -------------------------------------------------------------------------------

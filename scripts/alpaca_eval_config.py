@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.judges import load_template  # noqa: E402
+from harness.feedback.judges import load_template  # noqa: E402
 
 
 def write_config(template_name: str, judge_model: str, out_dir: str, name: str = "our_judge",

@@ -102,7 +102,7 @@ def compose_config(spec: dict):
 def run_ours(spec: dict) -> dict:
     import torch
     import train
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.modeling import load_model, load_tokenizer
     from trainers import BasicTrainer
     device, cfg = spec["device"], compose_config(spec)
     mem = Memory(device)

@@ -6,9 +6,9 @@
 
 One JSON line per configuration goes to stdout (and is appended to --out); progress to stderr.
 The peer is plain `model.generate` over the prompts in order, `batch_size` at a time. Ours are
-the three paths that sample: harness.generation.sample (evaluate.py, generate_samples.py, eval
-samples), PPO rollouts (harness.rollout.generate, one batch per rollout) and the server's engine
-(harness.serving: ModelBackend behind the Batcher, one request per prompt, no HTTP), each plain
+the three paths that sample: harness.models.generation.sample (evaluate.py, generate_samples.py, eval
+samples), PPO rollouts (harness.rl.rollout.generate, one batch per rollout) and the server's engine
+(harness.feedback.serving: ModelBackend behind the Batcher, one request per prompt, no HTTP), each plain
 and with the speed levers of SamplingConfig: sort_by_length, batch_tokens, static_cache.
 
 Every row generates exactly `new_tokens` tokens (min_new_tokens = max_new_tokens: EOS is held
@@ -58,7 +58,7 @@ def plain_pass(model, tok, encoded, spec, batches):
     """The peer: model.generate on left-padded batches, nothing else."""
     import torch
     from transformers import GenerationConfig
-    from harness.generation import _left_pad
+    from harness.models.generation import _left_pad
     device = next(model.parameters()).device
     cfg = GenerationConfig(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                            do_sample=True, top_k=0, pad_token_id=tok.pad_token_id,
@@ -74,7 +74,7 @@ def plain_pass(model, tok, encoded, spec, batches):
 
 
 def sample_pass(model, tok, prompts, spec, levers):
-    from harness.generation import SamplingConfig, sample
+    from harness.models.generation import SamplingConfig, sample
     cfg = SamplingConfig(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                          batch_size=spec["batch_size"], **levers)
     return sum(len(s.completion_ids) for s in sample(model, tok, prompts, cfg, progress=False))
@@ -82,8 +82,8 @@ def sample_pass(model, tok, prompts, spec, levers):
 
 def rollout_pass(model, tok, prompts, spec, levers):
     """PPO's rollout generation: one generate() call per rollout batch of batch_size prompts,
-    laid out as the PPO tensors (harness.rollout.build_batch)."""
-    from harness.rollout import build_batch, generate
+    laid out as the PPO tensors (harness.rl.rollout.build_batch)."""
+    from harness.rl.rollout import build_batch, generate
     device, bs, new = next(model.parameters()).device, spec["batch_size"], 0
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
@@ -99,7 +99,7 @@ def rollout_pass(model, tok, prompts, spec, levers):
 def serve_pass(batcher, backend, prompts, spec):
     """One request per prompt, all in flight at once; the Batcher runs them batch_size at a
     time through ModelBackend.generate, as scripts/serve.py does."""
-    from harness.serving import Params
+    from harness.feedback.serving import Params
     params = Params(max_tokens=spec["new_tokens"], temperature=1.0, top_p=1.0, n=1,
                     top_logprobs=None, stop=(), seed=0)
     futures = [batcher.submit(backend, [p], params) for p in prompts]
@@ -108,10 +108,10 @@ def serve_pass(batcher, backend, prompts, spec):
 
 def worker(spec: dict):
     import torch
-    import harness.rollout  # noqa: F401  (every path's modules load before the memory baseline)
-    from harness.generation import plan_batches, SamplingConfig
-    from harness.modeling import load_model, load_tokenizer
-    from harness.serving import Batcher, ModelBackend
+    import harness.rl.rollout  # noqa: F401  (every path's modules load before the memory baseline)
+    from harness.models.generation import plan_batches, SamplingConfig
+    from harness.models.modeling import load_model, load_tokenizer
+    from harness.feedback.serving import Batcher, ModelBackend
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     check_device(spec["preset"], spec["device"])

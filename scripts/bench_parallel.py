@@ -6,8 +6,8 @@
 
 Every configuration runs under torchrun in fresh processes over the same random-init Llama-style
 model and the same global batch of random tokens; the training step is the harness's own: the
-chunked log-prob head (harness/modeling.py), the SFT loss, backward, clipping
-(harness/parallel.py) and AdamW, with the model wrapped by harness/parallel.py exactly as
+chunked log-prob head (harness/models/modeling.py), the SFT loss, backward, clipping
+(harness/parallelize.py) and AdamW, with the model wrapped by harness/parallelize.py exactly as
 FSDPTrainer / TensorParallelTrainer wrap it. One JSON line per rank goes to stdout:
 step_s (median seconds per optimizer step), peak_mib (peak RSS on CPU, or max allocated CUDA
 memory, during the timed steps), setup_peak_mib (peak while building and wrapping the model),
@@ -63,8 +63,8 @@ def worker(args):
     import torch
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
-    from harness import distributed, parallel
-    from harness.modeling import sequence_logps
+    from harness.parallel import distributed, parallelize
+    from harness.models.modeling import sequence_logps
     preset = PRESETS[args.preset]
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -77,11 +77,11 @@ def worker(args):
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     if args.ac or preset["ac"]:
-        parallel.apply_ac(model)
+        parallelize.apply_ac(model)
     if args.mode == "fsdp":
-        parallel.apply_fsdp(model, parallel.build_mesh(world, 1), None, args.mp or preset["mp"])
+        parallelize.apply_fsdp(model, parallelize.build_mesh(world, 1), None, args.mp or preset["mp"])
     elif args.mode == "tp":
-        parallel.apply_tp(model.to(distributed.device()), parallel.build_mesh(1, world)["tp"])
+        parallelize.apply_tp(model.to(distributed.device()), parallelize.build_mesh(1, world)["tp"])
     else:
         model.to(distributed.device())
     logps = getattr(model, "sequence_logps", lambda *a: sequence_logps(model, *a))
@@ -104,7 +104,7 @@ def worker(args):
         start = time.perf_counter()
         values, n = logps(ids, mask, labels, 4096)
         (-(values / n).mean()).backward()
-        parallel.clip_grad_norm(list(model.parameters()), 1.0)
+        parallelize.clip_grad_norm(list(model.parameters()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:

@@ -62,7 +62,7 @@ def run_trl(spec: dict) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.modeling import load_model, load_tokenizer
     device, bs = spec["device"], spec["batch_size"]
     mem = Memory(device)
     start = time.perf_counter()  # --epoch: the wall clock from loading to the last step
@@ -100,7 +100,7 @@ def run_bare(spec: dict) -> dict:
     """The peer for SFT: a bare training step (HF forward with labels, backward, fused AdamW
     where the device has it) over exactly our SFT batches, nothing else."""
     import torch
-    from harness.modeling import load_model, load_tokenizer
+    from harness.models.modeling import load_model, load_tokenizer
     from preference_datasets import BatchIterator, load_examples
     device = spec["device"]
     mem = Memory(device)

@@ -166,7 +166,7 @@ def make_rows(tokenizer, n_train: int, max_length: int, max_prompt_length: int, 
     prompts, responses starting with a space, lognormal (right-skewed) lengths capped so that
     prompt + response + EOS <= max_length (no truncation in either trainer). Exactly n_train
     rows land in the train split (the loaders' hash split) and at least one in test."""
-    from harness.loaders import in_test_split
+    from harness.data.sources import in_test_split
     rng = random.Random(seed)
     cost = {w: _n_tokens(tokenizer, " " + w) for w in WORDS}
     rows, n_in_train, n_in_test = [], 0, 0
@@ -232,7 +232,7 @@ def setup(args, presets: dict, sizes: dict, prefix: str):
         if getattr(args, arg) is not None:
             preset[key] = getattr(args, arg)
     check_device(args.preset, preset["device"])
-    from harness.modeling import load_tokenizer
+    from harness.models.modeling import load_tokenizer
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     workdir.mkdir(parents=True, exist_ok=True)
     return preset, workdir, load_tokenizer(args.tokenizer)

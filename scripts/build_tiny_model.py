@@ -2,7 +2,7 @@
 
     python scripts/build_tiny_model.py            # writes assets/tiny_model/ (~1-2 min on 2 CPUs)
 
-The model is pretrained on the toy task's *base* distribution (harness/toy_task.py):
+The model is pretrained on the toy task's *base* distribution (harness/data/toy_task.py):
 it learns the prompt format and the response language, but picks sentiment words at
 random regardless of the request, so its gold reward is ~0 and SFT / DPO have room to
 improve it. Everything is seeded, so rerunning gives the same tokenizer and weights
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness.toy_task import gold_reward, pretraining_corpus, toy_records  # noqa: E402
+from harness.data.toy_task import gold_reward, pretraining_corpus, toy_records  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -147,7 +147,7 @@ README = """\
 A 2-layer Llama ({n_params:,} parameters, float32 safetensors) with a {vocab}-token
 byte-level BPE tokenizer (`<|endoftext|>` = eos = bos, `<|pad|>` = pad). It was pretrained
 from scratch for {steps} steps (batch {batch_size}, AdamW lr {lr}) on {n_texts:,} texts
-sampled from the *base* distribution of the toy task in `harness/toy_task.py`:
+sampled from the *base* distribution of the toy task in `harness/data/toy_task.py`:
 prompt + response + `<|endoftext|>`, loss on every token. It writes well-formed toy
 reviews and stops with EOS, but picks sentiment words at random whatever the request
 says, so its gold reward is about 0 -- room for SFT, DPO and friends to improve it.

@@ -7,7 +7,7 @@
     python scripts/evaluate.py CKPT --reward-model RM_RUN    # a trained reward model as the gold
 
 Each checkpoint gets a JSON next to it (eval_<gold>_seed<seed>.json in its checkpoint dir) and
-one line on stdout. The metrics are defined in harness/evaluation.py.
+one line on stdout. The metrics are defined in harness/evaluation/gold_eval.py.
 """
 
 import argparse
@@ -17,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.evaluation import (EvalConfig, evaluate, format_line, output_path,  # noqa: E402
+from harness.evaluation.gold_eval import (EvalConfig, evaluate, format_line, output_path,  # noqa: E402
                                 write_result)
-from harness.generation import SamplingConfig, add_speed_args, speed_options  # noqa: E402
+from harness.models.generation import SamplingConfig, add_speed_args, speed_options  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
     for module in args.imports:
         importlib.import_module(module)
     if args.reward_model:  # registered as a gold reward named rm-<run>-<checkpoint>
-        from harness.reward_model import register_reward_checkpoint
+        from harness.models.reward_model import register_reward_checkpoint
         args.gold = register_reward_checkpoint(args.reward_model, device=args.device)
     cfg = EvalConfig(gold=args.gold, dataset=args.dataset, split=args.split,
                      n_prompts=args.n_prompts, prompts_file=args.prompts_file,

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from harness.modeling import load_model, load_tokenizer  # noqa: E402
+from harness.models.modeling import load_model, load_tokenizer  # noqa: E402
 
 
 def main(argv=None):

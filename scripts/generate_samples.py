@@ -7,7 +7,7 @@
     python scripts/generate_samples.py CKPT --prompts toy --start 100 --end 200 --out part.jsonl
 
 --prompts is a registry dataset spec (toy, hh, hh:/data/hh, ...; its --split prompts) or a
-JSON/JSONL file of prompts/instructions (harness.sample_files.load_prompt_set). --start/--end
+JSON/JSONL file of prompts/instructions (harness.feedback.sample_files.load_prompt_set). --start/--end
 select an exact slice of that fixed prompt order (scripts/parallel_sample.sh shards with
 them); --count-prompts prints the prompt count and exits. Sample k of every prompt is drawn
 with seed (seed, start, k), so reruns repeat exactly; a different sharding draws other (equally
@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.generation import add_speed_args, speed_options  # noqa: E402
-from harness.sample_files import instruction_of, load_prompt_set, sample_row  # noqa: E402
+from harness.models.generation import add_speed_args, speed_options  # noqa: E402
+from harness.feedback.sample_files import instruction_of, load_prompt_set, sample_row  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def _seed(seed: int, start: int, k: int) -> int:
 def generate(args, prompts: list[str]) -> list[list[str]]:
     """samples[i][k]: sample k of prompt i."""
     import torch
-    from harness.generation import SamplingConfig, load_checkpoint, sample
+    from harness.models.generation import SamplingConfig, load_checkpoint, sample
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_checkpoint(args.checkpoint, base_model=args.base_model, device=device)
     per_prompt = [[] for _ in prompts]

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.sample_files import prompt_of  # noqa: E402
-from harness.toy_task import get_gold_reward  # noqa: E402
+from harness.feedback.sample_files import prompt_of  # noqa: E402
+from harness.data.toy_task import get_gold_reward  # noqa: E402
 
 
 def gold_stats(path: str, reward) -> dict:

@@ -6,7 +6,7 @@
     curl http://127.0.0.1:8000/v1/chat/completions -d '{"model": "policy", "messages": [...]}'
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with logprobs /
-top_logprobs), GET /health. A checkpoint is anything harness.generation.load_checkpoint takes:
+top_logprobs), GET /health. A checkpoint is anything harness.models.generation.load_checkpoint takes:
 a policy.pt (base model from its run's config.yaml or --base-model), a checkpoint or run dir,
 or a Hugging Face model dir. Chat prompts use the tokenizer's chat template when it has one,
 else the harness dialogue format ("\\n\\nHuman: ...\\n\\nAssistant:"). Concurrent requests are
@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.generation import add_speed_args, speed_options  # noqa: E402
-from harness.openai_client import api_key_from_env  # noqa: E402
-from harness.serving import (Batcher, HttpError, ModelBackend, ScriptedJudge,  # noqa: E402
+from harness.models.generation import add_speed_args, speed_options  # noqa: E402
+from harness.feedback.openai_client import api_key_from_env  # noqa: E402
+from harness.feedback.serving import (Batcher, HttpError, ModelBackend, ScriptedJudge,  # noqa: E402
                              parse_messages, parse_params, parse_prompts)
 
 MAX_BODY = 16 * 2**20
@@ -221,14 +221,14 @@ def _named(value: str, flag: str) -> tuple[str, str]:
 def build_backends(args) -> dict:
     backends = {}
     for spec in args.model or []:
-        from harness.generation import load_checkpoint
+        from harness.models.generation import load_checkpoint
         name, path = _named(spec, "--model")
         model, tok = load_checkpoint(path, base_model=args.base_model, dtype=args.dtype,
                                      device=args.device)
         backends[name] = ModelBackend(name, model, tok, args.max_new_tokens, speed_options(args))
     for spec in args.gold_judge or []:
-        from harness.judges import load_template
-        from harness.toy_task import get_gold_reward
+        from harness.feedback.judges import load_template
+        from harness.data.toy_task import get_gold_reward
         name, reward = _named(spec, "--gold-judge")
         backends[name] = ScriptedJudge(name, get_gold_reward(reward),
                                        load_template(args.judge_template), args.judge_temperature)

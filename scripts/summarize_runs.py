@@ -7,7 +7,7 @@
 Columns: the run, every config key that differs between runs (e.g. loss.beta), the step, the
 final evaluation metrics (loss/eval, rewards_eval/..., logps_eval/...) and, where
 scripts/evaluate.py has scored a run's LATEST checkpoint, its gold reward, KL and win rate
-(eval/...). See harness/sweep_summary.py.
+(eval/...). See harness/evaluation/sweep_summary.py.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.sweep_summary import collect, to_csv, to_markdown  # noqa: E402
+from harness.evaluation.sweep_summary import collect, to_csv, to_markdown  # noqa: E402
 
 
 # per-step training scalars logged without a "/": shown with --all only

@@ -9,10 +9,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import train
-from harness.generation import load_checkpoint
-from harness.run_logging import read_metrics
-from harness.serving import ModelBackend
-from harness.toy_task import toy_records
+from harness.models.generation import load_checkpoint
+from harness.training.run_logging import read_metrics
+from harness.feedback.serving import ModelBackend
+from harness.data.toy_task import toy_records
 from preference_datasets import get_dataset, load_examples
 from serving_helpers import ROOT, http, running_server, serve
 

@@ -42,7 +42,7 @@ def test_bench_generate_cpu_tiny(tmp_path):
 def test_every_path_generates_the_full_length(tmp_path, preset):
     """Every configuration's worker, in this process, on the tiny model; h100-1b runs its GPU
     workload's dtype (bf16) and batch size here on the CPU."""
-    from harness.modeling import load_tokenizer
+    from harness.models.modeling import load_tokenizer
     tok = load_tokenizer(str(REPO / "assets" / "tiny_model"))
     on_cpu = argparse.Namespace(model="cpu-tiny", device="cpu")
     spec = dict(benchlib.apply_model_args(dict(bench_generate.PRESETS[preset]), on_cpu),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.run_logging import read_metrics
+from harness.training.run_logging import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train.py")]

@@ -8,9 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.coh import (CHAIN_ORDERS, coh_settings, fit_blocks, parse_template, record_chains,
+from harness.objectives.coh import (CHAIN_ORDERS, coh_settings, fit_blocks, parse_template, record_chains,
                          tokenize_chain)
-from harness.modeling import load_tokenizer
+from harness.models.modeling import load_tokenizer
 from preference_datasets import BatchIterator, get_dataset, load_examples
 from train import check_config
 

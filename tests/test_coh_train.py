@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from harness.modeling import load_tokenizer
-from harness.pretraining_mix import PretrainStream, read_documents
-from harness.run_logging import read_metrics
+from harness.models.modeling import load_tokenizer
+from harness.data.pretraining_mix import PretrainStream, read_documents
+from harness.training.run_logging import read_metrics
 from test_train import evals, run
 
 COH = ["loss=coh", "n_examples=32", "lr=1e-3", "seed=5"]
@@ -122,8 +122,8 @@ def test_resume_is_exact_with_fcm_and_pretraining_mix(tmp_path):
 
 
 def test_evaluate_prompts_a_coh_model_with_its_positive_phrase(plain_coh):
-    from harness.evaluation import EvalConfig, evaluate, format_line, policy_prompt_suffix
-    from harness.generation import SamplingConfig
+    from harness.evaluation.gold_eval import EvalConfig, evaluate, format_line, policy_prompt_suffix
+    from harness.models.generation import SamplingConfig
     ckpt = str(plain_coh / "LATEST" / "policy.pt")
     assert policy_prompt_suffix(ckpt) == " A helpful answer:"
     assert policy_prompt_suffix(ckpt, "none") == "" and policy_prompt_suffix(ckpt, " X:") == " X:"

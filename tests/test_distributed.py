@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from harness.run_logging import read_metrics
+from harness.training.run_logging import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(ROOT / "config")
@@ -134,7 +134,7 @@ def test_lora_dpo_under_fsdp(runs):
     merged policy.pt and its merged HF export are the same model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from harness.modeling import load_model, sequence_logps
+    from harness.models.modeling import load_model, sequence_logps
     run_dir = launch(runs["base"], "lora", *DPO, "trainer=FSDPTrainer", "model.lora.r=4",
                      "model.lora.alpha=8", "precompute_reference=false", "export_hf=true",
                      "lr=1e-2")

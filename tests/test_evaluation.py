@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from harness.evaluation import (Z_95, EvalConfig, evaluate, load_prompts, mean_ci, sequence_kl,
+from harness.evaluation.gold_eval import (Z_95, EvalConfig, evaluate, load_prompts, mean_ci, sequence_kl,
                                 win_scores)
-from harness.generation import SamplingConfig
-from harness.modeling import REPO_ROOT
+from harness.models.generation import SamplingConfig
+from harness.models.modeling import REPO_ROOT
 
 TINY = str(REPO_ROOT / "assets" / "tiny_model")
 SCRIPT = str(REPO_ROOT / "scripts" / "evaluate.py")

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.coh import coh_step
-from harness.fcm import fcm_attention_mask, past_drop_fraction
-from harness.modeling import load_model
+from harness.objectives.coh import coh_step
+from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
+from harness.models.modeling import load_model
 
 
 def visible(mask4d):

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from harness.generation import (KeyedSampling, SamplingConfig, completion_logps,
+from harness.models.generation import (KeyedSampling, SamplingConfig, completion_logps,
                                 completion_token_logps, encode_completions, hash32,
                                 load_checkpoint, plan_batches, resolve_checkpoint, sample)
-from harness.modeling import REPO_ROOT
-from harness.toy_task import toy_records
+from harness.models.modeling import REPO_ROOT
+from harness.data.toy_task import toy_records
 
 TINY = str(REPO_ROOT / "assets" / "tiny_model")
 PROMPTS = list(toy_records("test", n_prompts=6))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.toy_task import get_gold_reward, toy_records
-from harness.sample_files import prompt_of, sample_row
+from harness.data.toy_task import get_gold_reward, toy_records
+from harness.feedback.sample_files import prompt_of, sample_row
 from serving_helpers import ROOT, running_server, serve, toy_judge  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -160,7 +160,7 @@ def test_reward_model_checkpoint_labels_by_its_scores(tmp_path):
     from hydra import compose, initialize_config_dir
 
     import train
-    from harness.reward_model import RewardFunction
+    from harness.models.reward_model import RewardFunction
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"local_dirs=[{tmp_path}]", "loss=reward", "n_examples=32", "batch_size=16",

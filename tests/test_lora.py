@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from harness.run_logging import read_metrics
+from harness.training.run_logging import read_metrics
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 COMMON = ["wandb.enabled=false", "data_fraction=0.02", "n_examples=16", "batch_size=8",

@@ -80,7 +80,7 @@ def test_coh_loss_hand_computed():
 
 def test_coh_loss_equals_masked_nll_of_the_tiny_model():
     """Chunked summed log-probs of a chain batch -> coh_loss == masked NLL from full logits."""
-    from harness.modeling import load_model, sequence_logps
+    from harness.models.modeling import load_model, sequence_logps
     model = load_model("assets/tiny_model", "float32").eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 1]])
     attn = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])

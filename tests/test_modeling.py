@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.modeling import check_model_source, load_archive, plain_sequence_logps, sequence_logps
+from harness.models.modeling import check_model_source, load_archive, plain_sequence_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")

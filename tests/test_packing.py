@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.modeling import load_tokenizer, packed_sequence_logps, sequence_logps
-from harness.parallel import apply_compile
-from harness.packing import CHOSEN, PROMPT, REJECTED, allowed, pack
+from harness.models.modeling import load_tokenizer, packed_sequence_logps, sequence_logps
+from harness.parallel.parallelize import apply_compile
+from harness.data.packing import CHOSEN, PROMPT, REJECTED, allowed, pack
 from preference_datasets import BatchIterator, load_examples
 
 TINY = str(Path(__file__).resolve().parent.parent / "assets" / "tiny_model")
@@ -148,7 +148,7 @@ def test_dpo_run_with_levers_matches_plain_run(tmp_path, monkeypatch):
     log-probs), step for step."""
     import trainers
     from tests.test_train import run
-    from harness.run_logging import read_metrics
+    from harness.training.run_logging import read_metrics
     splits = []
     split = trainers.split_by_tokens
     monkeypatch.setattr(trainers, "split_by_tokens",
@@ -233,7 +233,7 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_stays_close(toy_pairs):
 
 def test_amp_run_end_to_end(tmp_path):
     from tests.test_train import run
-    from harness.run_logging import read_metrics
+    from harness.training.run_logging import read_metrics
     from train import check_config
     from tests.test_config import make
     with pytest.raises(ValueError, match="amp_dtype='fp8'"):
@@ -250,7 +250,7 @@ def test_coh_chains_pack_exactly_and_fcm_refuses_packing(tmp_path):
     """CoH chains alternate trained answers with untrained feedback phrases: packed, their
     metrics equal the padded run's; FCM's own 4-D mask cannot be packed, and says so."""
     from tests.test_train import run
-    from harness.run_logging import read_metrics
+    from harness.training.run_logging import read_metrics
     common = ["loss=coh", "n_examples=32", "eval_every=16", "minimum_log_interval_secs=0"]
     rows = {name: read_metrics(run(tmp_path / name, *common, *extra) / "metrics.jsonl")
             for name, extra in {"plain": [], "packed": ["packing=true"]}.items()}

@@ -8,7 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness import distributed, lora, parallel
+from harness.parallel import distributed, parallelize
+from harness.models import lora
 from train import check_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
@@ -41,17 +42,17 @@ def test_batch_that_ranks_do_not_divide_names_the_numbers():
 
 def test_unknown_block_name_lists_the_blocks(model):
     with pytest.raises(ValueError, match=r"GPT2Block.*block classes found: \['LlamaDecoderLayer'\]"):
-        parallel.find_blocks(model, "GPT2Block")
-    assert len(parallel.find_blocks(model, None)) == 2  # from _no_split_modules
+        parallelize.find_blocks(model, "GPT2Block")
+    assert len(parallelize.find_blocks(model, None)) == 2  # from _no_split_modules
 
 
 def test_tp_degree_must_divide_heads(model):
     with pytest.raises(ValueError, match=r"tp_size=3 .*num_attention_heads=4.*\[1, 2, 4\]"):
-        parallel.check_tp_degree(model.config, 3)
+        parallelize.check_tp_degree(model.config, 3)
     with pytest.raises(ValueError, match=r"tp_size=4 .*num_key_value_heads=2"):
-        parallel.check_tp_degree(model.config, 4)
-    parallel.check_tp_degree(model.config, 2)
-    assert set(parallel.tp_plan(model)) >= {"model.layers.*.self_attn.q_proj",
+        parallelize.check_tp_degree(model.config, 4)
+    parallelize.check_tp_degree(model.config, 2)
+    assert set(parallelize.tp_plan(model)) >= {"model.layers.*.self_attn.q_proj",
                                             "model.layers.*.mlp.down_proj"}
 
 
@@ -83,7 +84,7 @@ def test_shard_batch_shares_and_stand_in():
 def test_clip_grad_norm_matches_torch():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
-    assert parallel.clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
+    assert parallelize.clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
     torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.0, 0.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(b.grad, torch.tensor([0.0, 0.8]), atol=1e-6, rtol=0)
 

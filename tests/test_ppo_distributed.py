@@ -14,10 +14,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from harness.generation import SamplingConfig, sample
-from harness.modeling import load_model, load_tokenizer
-from harness.ppo import rollout_seed
-from harness.run_logging import read_metrics
+from harness.models.generation import SamplingConfig, sample
+from harness.models.modeling import load_model, load_tokenizer
+from harness.rl.ppo import rollout_seed
+from harness.training.run_logging import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(ROOT / "config")

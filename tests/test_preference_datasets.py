@@ -132,7 +132,7 @@ def test_json_pairs_and_canonical(load):
 
 
 def test_toy(load):
-    pytest.importorskip("harness.toy_task")
+    pytest.importorskip("harness.data.toy_task")
     data = load("toy")
     assert data and all(r["truncation_mode"] in ("keep_start", "keep_end") for r in data.values())
     assert not set(data) & set(load("toy", "test"))

@@ -3,7 +3,7 @@ a reference that would give other log-probs."""
 
 from omegaconf import OmegaConf
 
-from harness.reference_cache import cache_key
+from harness.training.reference_cache import cache_key
 
 TOK = {"tokenizer": "tok", "max_length": 128, "max_prompt_length": 64}
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from harness.openai_client import GaveUp, OpenAIClient, PermanentError, RetryableError, RetryPolicy
-from harness.results_log import ResultsLog
+from harness.feedback.openai_client import GaveUp, OpenAIClient, PermanentError, RetryableError, RetryPolicy
+from harness.feedback.results_log import ResultsLog
 
 
 def test_torn_tail_is_dropped_and_later_records_win(tmp_path):

@@ -11,13 +11,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from harness import lora, ppo
-from harness.modeling import last_token_index, load_model, load_tokenizer
-from harness.rollout import policy_logprobs
-from harness.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
+from harness.models import lora
+from harness.rl import ppo
+from harness.models.modeling import last_token_index, load_model, load_tokenizer
+from harness.rl.rollout import policy_logprobs
+from harness.models.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
                                   load_reward_model, to_ratings)
-from harness.run_logging import read_metrics
-from harness.toy_task import all_prompts, parse_request
+from harness.training.run_logging import read_metrics
+from harness.data.toy_task import all_prompts, parse_request
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 FAST = ["wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
@@ -202,9 +203,9 @@ def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, rewa
 
 
 def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch):
-    import harness.rollout
+    import harness.rl.rollout
     trainer = _trainer(tmp_path, reward_run, "n_examples=16", "do_first_eval=false")
-    monkeypatch.setattr(harness.rollout, "score", lambda model, batch: torch.full(
+    monkeypatch.setattr(harness.rl.rollout, "score", lambda model, batch: torch.full(
         (batch.input_ids.shape[0],), float("nan")))
     with pytest.raises(ppo.TrainingDiverged, match=r"rewards_train/score=nan"):
         trainer.train()

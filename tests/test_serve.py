@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from harness.generation import load_checkpoint
-from harness.modeling import REPO_ROOT
-from harness.serving import ModelBackend
+from harness.models.generation import load_checkpoint
+from harness.models.modeling import REPO_ROOT
+from harness.feedback.serving import ModelBackend
 from serving_helpers import http, running_server, toy_judge
 
 PROMPT = "\n\nHuman: Write a positive review of the cafe for Anna.\n\nAssistant:"
@@ -141,7 +141,7 @@ def test_bad_input_gets_4xx_with_a_message(server, path, payload, status, messag
 
 def test_echo_scores_the_prompt_like_the_training_code(server):
     """lm-eval's loglikelihood requests: echo=true, max_tokens=0, logprobs=k."""
-    from harness.generation import Sample, completion_token_logps
+    from harness.models.generation import Sample, completion_token_logps
     srv, url = server
     text = PROMPT + " The cafe was lovely."
     status, body = http(f"{url}/completions", {"model": "tiny", "prompt": text, "echo": True,

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from harness import checkpoints
-from harness.modeling import REPO_ROOT
-from harness.sweep_summary import collect, to_csv, to_markdown
+from harness.models.modeling import REPO_ROOT
+from harness.evaluation.sweep_summary import collect, to_csv, to_markdown
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import summarize_runs  # noqa: E402

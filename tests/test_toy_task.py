@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.toy_task import (GOLD_REWARDS, get_gold_reward, gold_reward, parse_request,
+from harness.data.toy_task import (GOLD_REWARDS, get_gold_reward, gold_reward, parse_request,
                               pretraining_corpus, register_gold_reward, toy_records)
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny_model"

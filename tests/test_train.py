@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 import train
 from harness import checkpoints
-from harness.run_logging import read_metrics
+from harness.training.run_logging import read_metrics
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 FAST = ["wandb.enabled=false", "n_eval_examples=32", "eval_batch_size=32", "batch_size=16",

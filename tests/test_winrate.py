@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from harness.judges import load_template, verdict_from_logprobs, verdict_from_text
-from harness.openai_client import RetryableError
-from harness.winrate import Z95, combine_orders, win_rate
+from harness.feedback.judges import load_template, verdict_from_logprobs, verdict_from_text
+from harness.feedback.openai_client import RetryableError
+from harness.evaluation.stats import Z95, combine_orders, win_rate
 
 
 @pytest.mark.parametrize("p_first, p_swapped, expected", [

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.sweep_summary import (find_runs, flat_config, latest_evaluation,  # noqa: E402
+from harness.evaluation.sweep_summary import (find_runs, flat_config, latest_evaluation,  # noqa: E402
                                    varying_keys)
 
 SETTING_KEYS = ("loss.beta", "loss.label_smoothing")

@@ -416,7 +416,7 @@ def load_json(split, path=None, **_):
 @register("toy")
 def load_toy(split, path=None, **_):
     """The bundled toy task (canonical records already)."""
-    from harness.toy_task import toy_records  # lazy: only toy runs need it
+    from harness.data.toy_task import toy_records  # lazy: only toy runs need it
     data = toy_records(split)
     for record in data.values():
         record.setdefault("truncation_mode", "keep_start")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harness.loaders import read_json
-from harness.modeling import pad_id
+from harness.data.sources import read_json
+from harness.models.modeling import pad_id
 
 TOY_DOCUMENTS = 2000  # bundled toy corpus size when pt_data=toy
 
@@ -31,7 +31,7 @@ def read_documents(source: str, *, seed: int = 0, text_field: str = "text", spli
                    cache_dir=None) -> list[str]:
     """The documents of a pretraining source (see the module docstring)."""
     if source == "toy":
-        from harness.toy_task import pretraining_corpus
+        from harness.data.toy_task import pretraining_corpus
         return pretraining_corpus(min(TOY_DOCUMENTS, max_documents), seed)
     if os.path.exists(os.path.expanduser(source)):
         source = os.path.expanduser(source)

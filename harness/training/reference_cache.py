@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from harness import lora
+from harness.models import lora
 
 
 def cache_key(model_cfg, tokenizer_settings: dict, uids: list[str],

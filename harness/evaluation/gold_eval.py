@@ -28,9 +28,9 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.checkpoints import atomic_write_text
-from harness.generation import (SamplingConfig, completion_logps, load_checkpoint,
+from harness.models.generation import (SamplingConfig, completion_logps, load_checkpoint,
                                 resolve_checkpoint, sample)
-from harness.toy_task import get_gold_reward
+from harness.data.toy_task import get_gold_reward
 
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 

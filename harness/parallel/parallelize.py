@@ -14,8 +14,8 @@ from types import MethodType
 import torch
 from torch import nn
 
-from harness import distributed
-from harness.lora import causal_lm, is_lora
+from harness.parallel import distributed
+from harness.models.lora import causal_lm, is_lora
 
 
 # ---- which modules are transformer blocks -------------------------------------------------------

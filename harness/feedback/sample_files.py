@@ -12,8 +12,8 @@ too, as one sample per instruction.
 import json
 import os
 
-from harness.judges import pair_id
-from harness.loaders import read_json
+from harness.feedback.judges import pair_id
+from harness.data.sources import read_json
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 

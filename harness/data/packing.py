@@ -17,7 +17,7 @@ directly; every scored token is predicted from an explicit source position (the 
 token from the last prompt token), so log-probs equal the padded path's (tests check that).
 
 The mask goes to the model as a 4-D tensor (bool for sdpa, additive float for eager) or a
-flex_attention BlockMask; `harness.modeling.sequence_logps` does the rest.
+flex_attention BlockMask; `harness.models.modeling.sequence_logps` does the rest.
 """
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """The parts of a training loop that change when its models are sharded over several ranks.
 
-Both loops (the offline BasicTrainer in trainers.py and PPO's rollout loop in harness/ppo.py)
+Both loops (the offline BasicTrainer in trainers.py and PPO's rollout loop in harness/rl/ppo.py)
 call small methods for everything rank-dependent: how a model is wrapped, how gradients are
 clipped, how state dicts are gathered for policy.pt and sharded for exact resume. SingleProcess
 holds their one-process versions; ShardedModels overrides them for FSDP2 / tensor parallelism
@@ -15,7 +15,10 @@ import shutil
 
 import torch
 
-from harness import checkpoints, distributed, lora, parallel, reference_cache
+from harness import checkpoints
+from harness.parallel import distributed, parallelize
+from harness.models import lora
+from harness.training import reference_cache
 
 
 class SingleProcess:
@@ -28,9 +31,9 @@ class SingleProcess:
         """Apply parallelism to a loaded model (distributed trainers); here only activation
         checkpointing and compiling, in torchtitan's order."""
         if train and self.cfg.activation_checkpointing:
-            parallel.apply_ac(model)
+            parallelize.apply_ac(model)
         if train and self.cfg.compile:
-            parallel.apply_compile(model, self.cfg.model.block_name)
+            parallelize.apply_compile(model, self.cfg.model.block_name)
         return model
 
     def clip_gradients(self) -> float:
@@ -58,14 +61,14 @@ class SingleProcess:
 
 class ShardedModels:
     """FSDP2 and tensor parallelism (the mesh of trainer=FSDPTrainer / TensorParallelTrainer):
-    models wrapped by parallel.parallelize, clipping of sharded gradients, gathered and sharded
+    models wrapped by parallelize.parallelize, clipping of sharded gradients, gathered and sharded
     checkpoints. Every rank calls these methods; the gathered states exist in rank 0 only."""
     sharded_checkpoints = True
 
     def __init__(self, policy, tokenizer, config, *args, **kwargs):
         world, rank = distributed.world_size(), distributed.rank()
         tp = distributed.tensor_parallel_size(config, world)
-        self.mesh = parallel.build_mesh(world // tp, tp)
+        self.mesh = parallelize.build_mesh(world // tp, tp)
         self.is_main, self.dp_size, self.dp_rank = rank == 0, world // tp, rank // tp
         super().__init__(policy, tokenizer, config, *args, **kwargs)
 
@@ -76,29 +79,29 @@ class ShardedModels:
         # every rank shards an empty model alike: sharding real tensors (TP) communicates
         model = model.to("meta")
         lora.causal_lm(model).tie_weights()  # moving rank 0's real tensors to meta untied them
-        model = parallel.parallelize(model, self.mesh, self.cfg, train)
-        return parallel.load_from_rank0(model, full_state, buffers)
+        model = parallelize.parallelize(model, self.mesh, self.cfg, train)
+        return parallelize.load_from_rank0(model, full_state, buffers)
 
     def clip_gradients(self) -> float:
-        return parallel.clip_grad_norm(list(self.trained.parameters()), self.cfg.max_grad_norm)
+        return parallelize.clip_grad_norm(list(self.trained.parameters()), self.cfg.max_grad_norm)
 
     def full_state(self, model) -> dict:
-        return parallel.full_state_dict(model)
+        return parallelize.full_state_dict(model)
 
     def optimizer_state_dict(self) -> dict:
-        return parallel.full_optimizer_state_dict(self.trained, self.optimizer)
+        return parallelize.full_optimizer_state_dict(self.trained, self.optimizer)
 
     def save_shards(self, name: str):
         staged = checkpoints.staging_dir(self.run_dir, name)
         if self.is_main:
             shutil.rmtree(staged, ignore_errors=True)
         distributed.barrier()
-        checkpoints.save_sharded(parallel.sharded_state(self.trained, self.optimizer), staged)
+        checkpoints.save_sharded(parallelize.sharded_state(self.trained, self.optimizer), staged)
 
     def load_training_state(self, resume: dict):
-        state = parallel.sharded_state(self.trained, self.optimizer)
+        state = parallelize.sharded_state(self.trained, self.optimizer)
         checkpoints.load_sharded(state, resume[checkpoints.SHARDED])
-        parallel.load_sharded_state(self.trained, self.optimizer, state)
+        parallelize.load_sharded_state(self.trained, self.optimizer, state)
 
 
 class DistributedMixin(ShardedModels):
@@ -112,7 +115,7 @@ class DistributedMixin(ShardedModels):
         return super().logps(model, fn, *args)
 
     def sync_gradients(self, now: bool):
-        if parallel.is_fsdp(self.policy):  # no data-parallel reduction in pure TP
+        if parallelize.is_fsdp(self.policy):  # no data-parallel reduction in pure TP
             self.policy.set_requires_gradient_sync(now)
 
     def load_reference_table(self, key: str, loader) -> dict:

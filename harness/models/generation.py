@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import LogitsProcessor
 
-from harness.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
+from harness.models.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
                               load_tokenizer, pad_id, resolve_path, sequence_logps)
 
 
@@ -341,7 +341,7 @@ def completion_logps(model, tokenizer, samples: list[Sample], batch_size: int = 
                      chunk_size: int = 4096, progress: bool = False, desc: str = "scoring"):
     """Summed log-probs of each sample's completion tokens given its prompt, and their counts.
 
-    Returns (logps [n] float32, n_tokens [n]) on the CPU, via harness.modeling.sequence_logps."""
+    Returns (logps [n] float32, n_tokens [n]) on the CPU, via harness.models.modeling.sequence_logps."""
     if not samples:
         raise ValueError("no samples to score")
     device = next(model.parameters()).device

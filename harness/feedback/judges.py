@@ -1,8 +1,8 @@
 """Judges that label a pair (instruction, output_1, output_2) with a preference in [1, 2].
 
     judge = make_judge("llm", args)          # any OpenAI-compatible endpoint, both orders
-    judge = make_judge("gold:toy", args)     # a registered gold reward (harness.toy_task)
-    judge = make_judge("reward_model:RUN", args)  # a loss=reward checkpoint (harness.reward_model)
+    judge = make_judge("gold:toy", args)     # a registered gold reward (harness.data.toy_task)
+    judge = make_judge("reward_model:RUN", args)  # a loss=reward checkpoint (harness.models.reward_model)
 
 A judge splits a pair into independent units of work (`units`: the two presentation orders
 for an LLM, one scoring for a reward), judges each unit (`judge_unit`, which may raise
@@ -19,9 +19,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.openai_client import RetryableError, choice_of, usage_of
+from harness.feedback.openai_client import RetryableError, choice_of, usage_of
 from harness import registry
-from harness.winrate import combine_orders
+from harness.evaluation.stats import combine_orders
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge_templates"
 PLACEHOLDERS = ("{instruction}", "{output_a}", "{output_b}")
@@ -155,7 +155,7 @@ class LLMJudge:
     units = ORDERS
 
     def __init__(self, arg, args):
-        from harness.openai_client import OpenAIClient, RetryPolicy, api_key_from_env
+        from harness.feedback.openai_client import OpenAIClient, RetryPolicy, api_key_from_env
         if not args.judge_base_url or not args.judge_model:
             raise ValueError("--judge llm needs --judge-base-url and --judge-model")
         self.template = load_template(args.template)
@@ -211,7 +211,7 @@ class ScoreJudge:
         raise NotImplementedError
 
     def judge_unit(self, pair: dict, unit: str, on_retry=None) -> dict:
-        from harness.loaders import _human_prompt  # the prompt the prefs loader trains on
+        from harness.data.sources import _human_prompt  # the prompt the prefs loader trains on
         r1, r2 = self.scores(_human_prompt(pair["instruction"]),
                              [" " + pair["output_1"], " " + pair["output_2"]])
         p = 1.0 if r2 > r1 else 0.0 if r1 > r2 else 0.5
@@ -224,10 +224,10 @@ class ScoreJudge:
 
 @register_judge("gold")
 class GoldJudge(ScoreJudge):
-    """A registered gold reward (harness.toy_task.get_gold_reward), e.g. --judge gold:toy."""
+    """A registered gold reward (harness.data.toy_task.get_gold_reward), e.g. --judge gold:toy."""
 
     def __init__(self, arg, args):
-        from harness.toy_task import get_gold_reward
+        from harness.data.toy_task import get_gold_reward
         self.reward = get_gold_reward(arg or "toy")
         self.name = f"gold:{arg or 'toy'}"
         self.config = {"judge": self.name}
@@ -245,7 +245,7 @@ class RewardModelJudge(ScoreJudge):
         if not arg:
             raise ValueError("--judge reward_model:PATH needs the reward model's run dir or "
                              "checkpoint dir")
-        from harness.reward_model import RewardFunction
+        from harness.models.reward_model import RewardFunction
         self.fn = RewardFunction(arg)
         self._lock = threading.Lock()  # the labeller's threads share one model: one forward at a time
         self.name = f"reward_model:{arg}"

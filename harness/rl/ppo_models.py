@@ -1,5 +1,5 @@
 """PPO's four models: how they are built and wrapped (LoRA, the trainer's parallelism) and how
-they are checkpointed and restored. A part of PPOTrainer (harness/ppo.py), kept apart.
+they are checkpointed and restored. A part of PPOTrainer (harness/rl/ppo.py), kept apart.
 
     actor       model.* (the SFT policy); with model.lora.r, LoRA adapters on it
     reference   a frozen copy of the actor; with LoRA, the actor with adapters disabled
@@ -24,9 +24,11 @@ from dataclasses import asdict, replace
 
 import torch
 
-from harness import checkpoints, distributed, lora
-from harness import reward_model as rm
-from harness.modeling import save_hf_model
+from harness import checkpoints
+from harness.parallel import distributed
+from harness.models import lora
+from harness.models import reward_model as rm
+from harness.models.modeling import save_hf_model
 
 
 class PPOModels:

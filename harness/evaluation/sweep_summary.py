@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from harness.run_logging import read_metrics
+from harness.training.run_logging import read_metrics
 
 # per-run bookkeeping that always differs and says nothing about the experiment
 IGNORED_KEYS = {"local_run_dir", "local_dirs", "resume"}

@@ -82,11 +82,11 @@ def loss_kwargs(loss_cfg) -> dict:
 
 def load_policy(cfg, archive, device_map=None, meta: bool = False):
     """The model that `loss=` trains: the loss's own loader, or the causal LM of model.*.
-    device_map / meta place it as harness.modeling.load_model does (GPUs; ranks without weights)."""
+    device_map / meta place it as harness.models.modeling.load_model does (GPUs; ranks without weights)."""
     spec = get_loss_spec(cfg.loss.name)
     if spec.load_policy is not None:
         return spec.load_policy(cfg, archive, device_map, meta)
-    from harness.modeling import load_model
+    from harness.models.modeling import load_model
     return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
 
 
@@ -135,6 +135,6 @@ register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step
 
 # Last, because these modules import LossSpec and register_loss from here: CoH, reward
 # modelling and PPO live in their own modules and register their specs on import.
-import harness.coh  # noqa: E402,F401
-import harness.reward_model  # noqa: E402,F401
-import harness.ppo  # noqa: E402,F401
+import harness.objectives.coh  # noqa: E402,F401
+import harness.models.reward_model  # noqa: E402,F401
+import harness.rl.ppo  # noqa: E402,F401

@@ -27,7 +27,7 @@ from torch import nn
 
 import losses
 from harness.checkpoints import LATEST, atomic_write_text
-from harness.modeling import check_model_source, last_token_index, position_ids
+from harness.models.modeling import check_model_source, last_token_index, position_ids
 from harness.objectives import LossSpec, register_loss
 
 META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
@@ -37,7 +37,7 @@ META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
 class RewardModel(nn.Module):
     """backbone (a transformers base model, no LM head) -> Linear head: 1 output (a scalar
     reward) or n_bins outputs (logits over ratings 1..K, reward = expected rating)."""
-    base_model_prefix = "backbone"  # where harness/parallel.py finds the transformer (TP plan)
+    base_model_prefix = "backbone"  # where harness/parallel/parallelize.py finds the transformer (TP plan)
 
     def __init__(self, backbone, n_bins: int = 0):
         super().__init__()
@@ -145,7 +145,7 @@ class RewardOptions:
 
 def check_scorer(key: str, name: str):
     """A registered gold scorer fn(prompt, response) -> float, or an error naming the key."""
-    from harness.toy_task import get_gold_reward
+    from harness.data.toy_task import get_gold_reward
     try:
         return get_gold_reward(name)
     except KeyError as e:
@@ -177,7 +177,7 @@ def reward_step(trainer, batch, split: str):
     half = len(batch["uid"])
     chosen, rejected = rewards[:half], rewards[half:]
     if opts.n_bins:
-        from harness.toy_task import get_gold_reward
+        from harness.data.toy_task import get_gold_reward
         score = get_gold_reward(opts.rating_source)
         texts = batch["chosen_response_only"] + batch["rejected_response_only"]
         ratings = to_ratings([score(p, t) for p, t in zip(batch["prompt"] * 2, texts)],
@@ -264,7 +264,7 @@ def load_reward_model(path, dtype: str | None = None, on_meta: bool = False):
     """(RewardModel in eval mode, its tokenizer, meta dict) from a reward checkpoint.
     on_meta=True: the architecture only, on the meta device (ranks that get rank 0's weights)."""
     from transformers import AutoConfig, AutoModel
-    from harness.modeling import load_tokenizer
+    from harness.models.modeling import load_tokenizer
     ckpt = checkpoint_dir(path)
     meta = json.loads((ckpt / META_FILE).read_text())
     config = AutoConfig.from_pretrained(ckpt / MODEL_DIR)
@@ -322,7 +322,7 @@ def register_reward_checkpoint(path, device: str = "cpu", normalize: bool = Fals
     """Make a reward checkpoint usable wherever a gold reward name is (evaluate.py --gold,
     judging): registers fn(prompt, completion) -> reward and returns its name, rm-<run>-<ckpt>."""
     import re
-    from harness.toy_task import GOLD_REWARDS, register_gold_reward
+    from harness.data.toy_task import GOLD_REWARDS, register_gold_reward
     ckpt = checkpoint_dir(path).resolve()
     name = "rm-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ckpt.parent.name}-{ckpt.name}")
     if name not in GOLD_REWARDS:

@@ -15,8 +15,8 @@ A record without a pair (SFT-only data) becomes a positive-only chain on its SFT
 (`loss.feedback_sets`, chosen by `loss.feedback_set`); a set holds paired positive / negative
 templates such as " A helpful answer:{answer}", the text before the slot being the phrase.
 
-The training step adds forgetful causal masking (harness/fcm.py) and a pretraining stream
-(harness/pretraining_mix.py) when configured.
+The training step adds forgetful causal masking (harness/objectives/fcm.py) and a pretraining stream
+(harness/data/pretraining_mix.py) when configured.
 """
 
 import functools
@@ -33,9 +33,9 @@ import yaml
 from omegaconf import OmegaConf
 
 import losses
-from harness.fcm import fcm_attention_mask, past_drop_fraction
+from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
 from harness.objectives import LossSpec, register_loss
-from harness.pretraining_mix import PretrainStream, _looks_like_path, read_documents
+from harness.data.pretraining_mix import PretrainStream, _looks_like_path, read_documents
 from preference_datasets import _TRUNCATE, TRUNCATION_MODES, ExampleFormat, _token_ids
 
 # which answer goes under which phrase of a (positive, negative) wording pair, in chain order

@@ -138,9 +138,9 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4
 
 
 def packed_sequence_logps(model, packed, chunk_size: int = 4096):
-    """sequence_logps for a harness.packing.PackedBatch (padding-free rows, shared prompts):
+    """sequence_logps for a harness.data.packing.PackedBatch (padding-free rows, shared prompts):
     the same (logps, n_tokens), numbered as the padded path numbers its sequences."""
-    from harness.packing import attention_mask
+    from harness.data.packing import attention_mask
     mask = attention_mask(packed, model.config._attn_implementation, model.dtype)
     kwargs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
     if not _uses_plain_head(model):

@@ -160,7 +160,7 @@ class ModelBackend:
                                      f"{self.context} of model {self.name!r}", "max_tokens")
 
     def generate(self, prompts: list[str], params: Params) -> list[dict]:
-        from harness.generation import SamplingConfig, encode_completions, sample
+        from harness.models.generation import SamplingConfig, encode_completions, sample
         if params.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
             samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False)
         else:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.generation import Sample, SamplingConfig, sample
-from harness.lora import adapters_disabled
-from harness.modeling import position_ids
+from harness.models.generation import Sample, SamplingConfig, sample
+from harness.models.lora import adapters_disabled
+from harness.models.modeling import position_ids
 from losses import entropy_from_logits
 from preference_datasets import _TRUNCATE
 
@@ -75,7 +75,7 @@ def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
 def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
              max_new_tokens: int, temperature: float, seed: int, keys: list[int],
              synced: bool = False, **sampling) -> list[Sample]:
-    """Sample one response per prompt (harness.generation: left padding, stop at EOS, pure
+    """Sample one response per prompt (harness.models.generation: left padding, stop at EOS, pure
     temperature sampling with no top-k / top-p), keyed: response i depends only on (seed,
     keys[i]) and its prompt, so a rank sampling its share of a batch draws what one process
     drawing the whole batch would. synced: for a model sharded over the ranks. `sampling`: more

@@ -4,7 +4,7 @@ RLHF with PPO".
 
     python train.py loss=ppo model.archive=SFT_RUN/LATEST/policy.pt loss.reward_model=RM_RUN
 
-One PPO step: sample a response for each of `batch_size` prompts (harness/rollout.py) ->
+One PPO step: sample a response for each of `batch_size` prompts (harness/rl/rollout.py) ->
 score it at its EOS with the frozen reward model (normalised by the held-out mean / std stored
 with it; a response without EOS gets `no_eos_penalty` instead) -> per-token reward
 -kl_coef * KL(policy || reference) plus the score on the last token -> GAE advantages
@@ -12,7 +12,7 @@ with it; a response without EOS gets `no_eos_penalty` instead) -> per-token rewa
 and value losses -> adapt kl_coef. The actor is model.* (the SFT policy), the reference a frozen
 copy of it, the critic a copy of the reward model (value head initialised from the reward
 head); with model.lora.r the reference and the reward model are the LoRA actor and critic with
-adapters disabled (harness/ppo_models.py: building, wrapping, checkpoints). Dropout stays off.
+adapters disabled (harness/rl/ppo_models.py: building, wrapping, checkpoints). Dropout stays off.
 
 trainer=FSDPTrainer / TensorParallelTrainer wrap all four models. Each data-parallel rank samples
 its share of the prompts (keyed sampling: the responses one process would draw), then every rank
@@ -30,15 +30,17 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import losses
-from harness import checkpoints, distributed, schedule
-from harness.modeling import pad_id
+from harness import checkpoints
+from harness.parallel import distributed
+from harness.training import schedule
+from harness.models.modeling import pad_id
 from harness.objectives import LossSpec, register_loss
-from harness import reward_model as rm  # a module: the loss table imports both in turn
-from harness.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
+from harness.models import reward_model as rm  # a module: the loss table imports both in turn
+from harness.rl.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
                              policy_logprobs)
-from harness.run_logging import NullLogger, RunLogger
-from harness.ppo_models import PPOModels
-from harness.sharded_training import ShardedModels, SingleProcess
+from harness.training.run_logging import NullLogger, RunLogger
+from harness.rl.ppo_models import PPOModels
+from harness.training.strategy import ShardedModels, SingleProcess
 from preference_datasets import BatchIterator, load_examples
 
 
@@ -119,7 +121,7 @@ class PPOTrainer(PPOModels, SingleProcess):
         self.tp_size = distributed.world_size() // self.dp_size  # ranks holding the same rows
         if tokenizer.pad_token_id == tokenizer.eos_token_id and self.is_main:
             print("note: this tokenizer pads with its EOS token; PPO's masks come from lengths and "
-                  "the first EOS (harness/rollout.py), so EOS is still scored and trained")
+                  "the first EOS (harness/rl/rollout.py), so EOS is still scored and trained")
         self._build_models(policy, reference_model)
         self.device = next(self.policy.parameters()).device
         self._load_prompts()
@@ -341,7 +343,7 @@ class PPOTrainer(PPOModels, SingleProcess):
         results = {"rewards_eval/score": torch.cat(scores).mean().item(),
                    "kl_eval/kl": torch.cat(kls).mean().item()}
         if o.gold_reward:
-            from harness.toy_task import get_gold_reward
+            from harness.data.toy_task import get_gold_reward
             fn = get_gold_reward(o.gold_reward)
             gold = [fn(r["prompt"], r["policy"]) for r in rows]
             results["rewards_eval/gold"] = sum(gold) / len(gold)
@@ -380,7 +382,7 @@ class PPOTrainer(PPOModels, SingleProcess):
 class ShardedPPOTrainer(ShardedModels, PPOTrainer):
     """The rollout loop with trainer=FSDPTrainer or TensorParallelTrainer: the same loop, its
     models wrapped by parallel.parallelize over the trainer's mesh, clipped and checkpointed
-    as sharded models (harness/sharded_training.py)."""
+    as sharded models (harness/training/strategy.py)."""
 
 
 def check(cfg, world_size: int):
@@ -410,7 +412,7 @@ def check(cfg, world_size: int):
 def load_policy(cfg, archive, device_map=None, meta: bool = False):
     """The actor (model.* as usual), after checking that the reward model exists, so a bad
     loss.reward_model fails before a large model loads."""
-    from harness.modeling import load_model
+    from harness.models.modeling import load_model
     rm.checkpoint_dir(cfg.loss.reward_model)
     return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
 

@@ -1,0 +1,1 @@
+"""Evaluation: statistics (z, intervals, win rates), gold-reward evaluation, sweep summaries."""

@@ -1,0 +1,1 @@
+"""Models: loading and log-probs, LoRA, sampling and scoring, the reward model."""

@@ -1,0 +1,1 @@
+"""Online RL: the rollout loop and PPO."""
