@@ -52,7 +52,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
 def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
-             beta: float, reference_free: bool = False, **_unused):
+             beta: float, reference_free: bool = False):
     """IPO (Azar et al. 2023, eq. 17): squared regression of h onto 1 / (2 * beta).
 
     Shapes as in `dpo_loss`; beta plays the role of the paper's tau.

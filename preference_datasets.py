@@ -7,9 +7,9 @@
     BatchIterator             -> padded torch batches, seeded per-epoch order, exact resume
 
 Prompts look like "\\n\\nHuman: ...\\n\\nAssistant:" and responses start with a space. A spec
-is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders
-live in harness/data/sources.py (imported at the bottom to fill the registry). Tokenisation and
-truncation follow the DPO reference `tokenize_batch_element`.
+is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders and
+their table live in harness/data/sources.py. Tokenisation and truncation follow the DPO
+reference `tokenize_batch_element` (the token rules: harness/data/tokens.py).
 """
 import hashlib
 import json
@@ -22,30 +22,11 @@ import datasets
 import numpy as np
 import torch
 
-from harness import registry
+from harness.data.sources import DATASETS, Records
+from harness.data.tokens import (check_truncation_mode, pad, pad_id, pad_with_mask, token_ids,
+                                 truncate)
 
 logger = logging.getLogger(__name__)
-
-Records = dict[str, dict]
-DATASETS: dict[str, Callable[..., Records]] = {}
-# how a prompt is cut to max_prompt_length: keep its first tokens, or its last (dialogues)
-_TRUNCATE = {
-    "keep_start": lambda ids, n: ids[:n],
-    "keep_end": lambda ids, n: ids[-n:],
-}
-TRUNCATION_MODES = tuple(_TRUNCATE)
-TEST_FRACTION = 0.05  # share of prompts held out by hash for sources without a test split
-
-
-# decorator: @register("name") makes a loader available as get_dataset(name)
-register = registry.decorator(DATASETS, "dataset")
-
-
-def in_test_split(key: str) -> bool:
-    """Stable hash split: about TEST_FRACTION of keys are test, whatever the seed or row order."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
-
 
 def get_dataset(spec: str, split: str, *, cache_dir=None, prefs_path=None, num_turns=1,
                 silent=False) -> Records:
@@ -75,8 +56,7 @@ def _check_record(prompt: str, record: dict, source: str):
     where = f"{source}: record for prompt {prompt[:60]!r}"
     if set(record) != {"responses", "pairs", "sft_target", "truncation_mode"}:
         raise ValueError(f"{where} has keys {sorted(record)}")
-    if record["truncation_mode"] not in TRUNCATION_MODES:
-        raise ValueError(f"{where} has unknown truncation mode {record['truncation_mode']!r}")
+    check_truncation_mode(record["truncation_mode"], where)
     n = len(record["responses"])
     for pair in record["pairs"]:
         if len(pair) != 2 or not all(0 <= i < n for i in pair) or pair[0] == pair[1]:
@@ -163,13 +143,6 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
     return examples
 
 
-def _token_ids(tokenizer, text: str, what: str, uid: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id in ids:  # EOS marks the end of a response; one inside is a data bug
-        raise ValueError(f"example {uid}: {what} contains the EOS token: {text[:80]!r}")
-    return list(ids)
-
-
 def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     """Token ids and labels for one example (the reference `tokenize_batch_element`).
 
@@ -178,35 +151,23 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length:
     long, responses are cut to max_length - max_prompt_length. Labels are -100 on the prompt."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
-    if ex.truncation_mode not in _TRUNCATE:
-        raise ValueError(f"unknown truncation mode {ex.truncation_mode!r}; "
-                         f"use one of {list(TRUNCATION_MODES)}")
+    check_truncation_mode(ex.truncation_mode, f"example {ex.uid}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
     eos = tokenizer.eos_token_id
-    prompt = _token_ids(tokenizer, ex.prompt, "prompt", ex.uid)
-    responses = {"chosen": _token_ids(tokenizer, ex.chosen, "chosen", ex.uid) + [eos]}
+    prompt = token_ids(tokenizer, ex.prompt, "prompt", ex.uid)
+    responses = {"chosen": token_ids(tokenizer, ex.chosen, "chosen", ex.uid) + [eos]}
     if ex.rejected is not None:
-        responses["rejected"] = _token_ids(tokenizer, ex.rejected, "rejected", ex.uid) + [eos]
+        responses["rejected"] = token_ids(tokenizer, ex.rejected, "rejected", ex.uid) + [eos]
     longest = max(len(ids) for ids in responses.values())
     if len(prompt) + longest > max_length:
-        prompt = _TRUNCATE[ex.truncation_mode](prompt, max_prompt_length)
+        prompt = truncate(prompt, ex.truncation_mode, max_prompt_length)
     if len(prompt) + longest > max_length:
         responses = {k: ids[: max_length - max_prompt_length] for k, ids in responses.items()}
     out = {"prompt_input_ids": prompt, "prompt_length": len(prompt)}
     for key, ids in responses.items():
         out[f"{key}_input_ids"] = prompt + ids
         out[f"{key}_labels"] = [-100] * len(prompt) + ids
-    return out
-
-
-def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-            out[row, cols] = torch.tensor(seq, dtype=torch.long)
     return out
 
 
@@ -220,12 +181,11 @@ def collate(items: list[dict], pad_token_id: int, examples: list[Example]) -> di
     batch = {}
     for key in keys:
         ids = [item[f"{key}_input_ids"] for item in items]
-        batch[f"{key}_input_ids"] = _pad(ids, pad_token_id)
-        batch[f"{key}_attention_mask"] = _pad([[1] * len(s) for s in ids], 0)
-        batch[f"{key}_labels"] = _pad([item[f"{key}_labels"] for item in items], -100)
+        batch[f"{key}_input_ids"], batch[f"{key}_attention_mask"] = pad_with_mask(ids, pad_token_id)
+        batch[f"{key}_labels"] = pad([item[f"{key}_labels"] for item in items], -100)
     prompts = [item["prompt_input_ids"] for item in items]
-    batch["prompt_input_ids"] = _pad(prompts, pad_token_id, left=True)
-    batch["prompt_attention_mask"] = _pad([[1] * len(s) for s in prompts], 0, left=True)
+    batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_with_mask(
+        prompts, pad_token_id, left=True)
     batch["prompt"] = [ex.prompt for ex in examples]
     batch["chosen_response_only"] = [ex.chosen for ex in examples]
     if "rejected" in keys:
@@ -296,10 +256,7 @@ class BatchIterator:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.tokenize = tokenize or tokenize_example
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
-        if self.pad_token_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        self.pad_token_id = pad_id(tokenizer)
 
     def __len__(self) -> int:
         n = len(self.examples)
@@ -324,7 +281,3 @@ class BatchIterator:
             items = [self.tokenize(ex, self.tokenizer, self.max_length, self.max_prompt_length)
                      for ex in chosen]
             yield collate(items, self.pad_token_id, chosen)
-
-
-# Last, because the loaders import register() from this module: this fills DATASETS.
-import harness.data.sources  # noqa: E402,F401

@@ -24,20 +24,32 @@ RESUME_OVERRIDABLE = ("n_epochs", "n_examples", "eval_every", "save_every", "kee
                       "nproc_per_node")
 
 
-def check_config(cfg: DictConfig, world_size: int = 1):
+def loop_class(cfg):
+    """The loop that runs `loss=`: the offline BasicTrainer, or the loss's own (PPO's rollouts)."""
+    from harness.objectives import get_loss_spec
+    from trainers import BasicTrainer
+    return get_loss_spec(cfg.loss.name).loop or BasicTrainer
+
+
+def check_config(cfg: DictConfig, world_size: int = 1, overrides=()):
     """Every check that needs no model, so bad input fails in a second, not after loading 70B.
-    world_size: the number of ranks the run will have."""
-    from preference_datasets import DATASETS
-    from harness.objectives import get_loss_spec, loss_kwargs
-    from trainers import TRAINERS
+    world_size: the number of ranks the run will have; overrides: the command-line overrides
+    (an option given there that this run would not read is refused)."""
+    from harness.data.sources import DATASETS
+    from harness.objectives import get_loss_spec, loss_options
+    from harness.training.options import check_options_read
+    from harness.training.strategy import strategy_class
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing required config value(s): {', '.join(missing)} "
                          f"(set them on the command line, e.g. {missing[0]}=...)")
     spec = get_loss_spec(cfg.loss.name)
-    loss_kwargs(cfg.loss)
-    if cfg.trainer.name not in TRAINERS:
-        raise ValueError(f"unknown trainer={cfg.trainer.name!r}; choose one of {sorted(TRAINERS)}")
+    loss_options(cfg.loss)
+    layout = distributed.trainer_layout(cfg)
+    loop = loop_class(cfg)
+    check_options_read(cfg, overrides, loop.reads(spec, cfg) | strategy_class(cfg).READS,
+                       loop.behaves_as(spec, cfg), cfg.loss.name,
+                       f"{loop.__name__} with trainer={cfg.trainer.name}")
     if spec.check is not None:
         spec.check(cfg, world_size)
     if not isinstance(getattr(torch.optim, str(cfg.optimizer), None), type):
@@ -51,7 +63,7 @@ def check_config(cfg: DictConfig, world_size: int = 1):
     rank = OmegaConf.select(cfg, "model.lora.r")
     if rank is not None and not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"model.lora.r={rank!r} must be a positive integer rank (null = no LoRA)")
-    if rank and cfg.trainer.name == "TensorParallelTrainer":
+    if rank and layout.tensor_parallel:
         raise ValueError("model.lora with trainer=TensorParallelTrainer is not supported; use "
                          "trainer=FSDPTrainer or BasicTrainer for LoRA")
     every = cfg.save_every
@@ -81,7 +93,6 @@ def check_batch_split(cfg: DictConfig, world_size: int):
 
 
 def check_micro_batch_tokens(cfg: DictConfig):
-    from harness.objectives import get_loss_spec
     budget = cfg.get("micro_batch_tokens")
     if budget is None:
         return
@@ -91,9 +102,6 @@ def check_micro_batch_tokens(cfg: DictConfig):
     if cfg.gradient_accumulation_steps != 1:
         raise ValueError("micro_batch_tokens splits the batch itself: keep "
                          f"gradient_accumulation_steps=1 (got {cfg.gradient_accumulation_steps})")
-    if get_loss_spec(cfg.loss.name).trainer is not None:
-        raise ValueError(f"micro_batch_tokens is for the offline loop; loss={cfg.loss.name} runs "
-                         "its own (set micro_batch_tokens=null)")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -122,7 +130,7 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
     Under torchrun (or spawned by main) every rank runs this; rank 0 owns the run dir."""
     if cfg.resume:
         cfg = resumed_config(cfg, overrides)
-    check_config(cfg, distributed.planned_world_size(cfg))
+    check_config(cfg, distributed.planned_world_size(cfg), overrides)
     from harness.models.modeling import check_model_source
     check_model_source(cfg.model.name_or_path)
     created = distributed.init(cfg)
@@ -138,11 +146,9 @@ def _run(cfg: DictConfig) -> str:
     from harness.models import lora
     from harness.models.modeling import load_model, load_tokenizer
     from harness.parallel.parallelize import single_process_device_map
-    from harness.objectives import get_loss_spec, load_policy, needs_reference
-    from trainers import TRAINERS
-    # the offline loop of trainer=..., unless the loss brings its own (PPO's rollout loop)
-    trainer_cls = (get_loss_spec(cfg.loss.name).trainer or TRAINERS)[cfg.trainer.name]
-    sharded = getattr(trainer_cls, "sharded_checkpoints", False)
+    from harness.objectives import load_policy, needs_reference
+    from harness.training.strategy import strategy_class
+    sharded = strategy_class(cfg).sharded_checkpoints
     resume = load_for_resume(cfg.resume, sharded) if cfg.resume else None
     OmegaConf.resolve(cfg)
     if cfg.local_run_dir is None:  # rank 0 makes a fresh dir; every rank takes its name
@@ -162,7 +168,7 @@ def _run(cfg: DictConfig) -> str:
     archive = cfg.model.archive if not resume or lora.enabled(cfg.model) else None
     # distributed trainers place (and shard) the model themselves, and only rank 0 reads the
     # weights: the others build the bare architecture and receive their shards from it
-    device_map = single_process_device_map() if cfg.trainer.name == "BasicTrainer" else None
+    device_map = None if distributed.trainer_layout(cfg).processes else single_process_device_map()
     meta = sharded and not distributed.is_main()
     policy = load_policy(cfg, archive, device_map=device_map, meta=meta)
     reference = None
@@ -172,7 +178,7 @@ def _run(cfg: DictConfig) -> str:
     elif needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
                                cfg.model.archive, device_map, meta).eval()
-    trainer = trainer_cls(policy, tokenizer, cfg, run_dir, reference, resume)
+    trainer = loop_class(cfg)(policy, tokenizer, cfg, run_dir, reference, resume)
     trainer.train()
     print(f"done: {run_dir}")
     return run_dir
@@ -184,7 +190,7 @@ def main(cfg: DictConfig):
     launch = resumed_config(cfg, overrides) if cfg.resume else cfg  # a resume keeps its trainer
     nproc = distributed.processes_to_spawn(launch)
     if nproc:  # `python train.py trainer=FSDPTrainer`: start the local ranks ourselves
-        check_config(launch, nproc)
+        check_config(launch, nproc, overrides)
         distributed.spawn(run, nproc, launch.fsdp_port, cfg, overrides)
     else:
         run(cfg, overrides)

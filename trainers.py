@@ -1,45 +1,34 @@
-"""The offline training loop, shared by SFT, the DPO family and Chain of Hindsight.
+"""THE offline training loop, shared by SFT, the DPO family, Chain of Hindsight and reward
+modelling.
 
-BasicTrainer is THE loop: evaluate when due -> one optimizer step over gradient-accumulated
-micro-batches -> log -> checkpoint when due. What differs between losses is one step function
-picked from the loss table (harness/objectives/__init__.py). FSDPTrainer / TensorParallelTrainer change
-only how the model is wrapped, which examples a rank sees, how metrics are summed over ranks,
-how gradients are clipped and how checkpoints are gathered; the parallelism itself lives in
-harness/parallel/parallelize.py and the launch in harness/parallel/distributed.py.
+BasicTrainer: evaluate when due -> one optimizer step over micro-batches -> log -> checkpoint
+when due. What differs between losses is one step function from the loss table
+(harness/objectives), which gets a StepContext, never the trainer. What differs between
+trainer=BasicTrainer, FSDPTrainer and TensorParallelTrainer is the strategy the loop holds as
+`self.dist` (harness/training/strategy.py): how models are wrapped, which share of a batch a
+rank sees, how gradients are clipped and checkpoints gathered. The parallelism itself lives in
+harness/parallel/.
 """
 
-import inspect
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from harness import checkpoints
-from harness.parallel import distributed
-from harness.models import lora
-from harness.training import reference_cache, schedule
-from harness.objectives import get_loss_spec, loss_kwargs, needs_reference
-from harness.models.modeling import packed_sequence_logps, save_hf_model, sequence_logps
 from harness.data.packing import pack
-from harness.training.run_logging import NullLogger, RunLogger
-from harness.training.strategy import DistributedMixin, SingleProcess
-from preference_datasets import BatchIterator, ExampleFormat, load_examples, split_by_tokens
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer that exact resume needs."""
-    epoch: int = 0
-    epoch_offset: int = 0       # examples of `epoch` already consumed
-    examples: int = 0           # examples seen in total: the x axis of every metric
-    steps: int = 0              # optimizer steps
-    next_eval: int = 0          # example count at which the next evaluation is due
-    last_save: int = -1         # example count of the newest checkpoint
-    last_eval: int = -1         # example count of the newest evaluation
+from harness.data.tokens import pad_id, pad_to
+from harness.models import lora
+from harness.models.modeling import packed_sequence_logps, sequence_logps
+from harness.objectives import StepContext, get_loss_spec, loss_options, needs_reference
+from harness.parallel import distributed
+from harness.training import reference_cache, schedule
+from harness.training.checkpoint_writer import CheckpointWriter, TrainState, restore
+from harness.training.setup import load_splits, make_logger, make_optimizer, make_scheduler
+from harness.training.strategy import make_strategy
+from preference_datasets import BatchIterator, ExampleFormat, split_by_tokens
 
 
 def split_batch(batch: dict, n: int) -> list[dict]:
@@ -48,50 +37,55 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     return [{k: v[i:i + step] for k, v in batch.items()} for i in range(0, size, step)]
 
 
-def pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-
-
-def make_optimizer(params, cfg):
-    """torch.optim.<cfg.optimizer>; fused_optimizer picks the fused kernel where the class has one
-    (one kernel for all parameters instead of one per tensor), else torch's default (foreach)."""
-    cls = getattr(torch.optim, cfg.optimizer)
-    kwargs = {"lr": cfg.lr}
-    if cfg.fused_optimizer and "fused" in inspect.signature(cls).parameters:
-        kwargs["fused"] = True
-    return cls(params, **kwargs)
-
-
-class BasicTrainer(SingleProcess):
+class BasicTrainer:
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
         self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
         self.spec = get_loss_spec(config.loss.name)
-        self.loss_kwargs = loss_kwargs(config.loss)
-        self.policy = self.wrap(policy)
+        self.dist = make_strategy(config)
+        self.policy = self.dist.wrap(policy)
         # the LoRA policy doubles as its own reference (adapters disabled): wrap it only once
         self.reference_model = reference_model if reference_model in (None, policy) else \
-            self.wrap(reference_model, train=False)
+            self.dist.wrap(reference_model, train=False)
         self.device = next(self.policy.parameters()).device
         self._load_data()
-        self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad],
-                                        config)
-        warmup = config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.optimizer = make_optimizer(
+            [{"params": [p for p in self.policy.parameters() if p.requires_grad]}], config)
+        self.scheduler = make_scheduler(self.optimizer, config)
         self.state = TrainState(next_eval=0 if config.do_first_eval else config.eval_every)
         if resume is not None:
-            self._restore(resume)
+            self.state = restore(resume, self.dist, self.policy, self.policy, self.optimizer,
+                                 self.scheduler, TrainState)
         self.reference_table = None
-        self.logger = NullLogger() if not self.is_main else RunLogger(
-            run_dir, OmegaConf.to_container(config, resolve=True),
-            config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
-            config.exp_name, resume_step=self.state.examples if resume else None,
-            evaluated_at_resume=self.state.last_eval == self.state.examples)
+        self.writer = CheckpointWriter(run_dir, config, self.dist, tokenizer)
+        self.logger = make_logger(config, run_dir, self.dist.is_main, self.state,
+                                  resume is not None)
+        self.ctx = StepContext(
+            policy=self.policy, forward=self.forward, options=loss_options(config.loss),
+            reference_logps=self.reference_logps if needs_reference(config.loss) else None,
+            device=self.device, tokenizer=tokenizer, autocast=self.autocast,
+            data=self.example_format, micro_batches=config.gradient_accumulation_steps)
 
-    @property
-    def trained(self):
-        """The module the optimizer updates (harness/training/strategy.py)."""
-        return self.policy
+    @staticmethod
+    def reads(spec, cfg) -> set[str]:
+        """The top-level options this loop reads for loss spec `spec` (the others are refused
+        when given: harness/training/options.py)."""
+        out = {"gradient_accumulation_steps", "micro_batch_tokens", "drop_last", "amp_dtype",
+               "activation_checkpointing", "logits_chunk_size", "packing"}
+        if cfg.packing:
+            out.add("pack_length")
+        if spec.paired:
+            out.add("prefix_sharing")
+        if needs_reference(cfg.loss):
+            out.add("precompute_reference")
+        if spec.samples:
+            out |= {"sample_during_eval", "n_eval_model_samples", "sample_max_new_tokens",
+                    "sample_top_p", "sample_temperature"}
+        return out - set(spec.ignores)
+
+    @staticmethod
+    def behaves_as(spec, cfg) -> dict:
+        """Values of options it does not read that the loop behaves as (may be stated)."""
+        return {} if spec.samples else {"sample_during_eval": False}
 
     # ---- data -------------------------------------------------------------------------------
     def _load_data(self):
@@ -99,14 +93,8 @@ class BasicTrainer(SingleProcess):
         # the loss's own example format (CoH chains), or the standard SFT / pair examples
         fmt = self.spec.data(cfg, self.tokenizer) if self.spec.data else ExampleFormat()
         self.example_format = fmt
-        common = dict(sft_mode=not self.spec.paired, seed=cfg.seed, prefs_path=cfg.prefs_path,
-                      num_turns=cfg.num_turns, cache_dir=self.cache_dir,
-                      record_examples=fmt.record_examples)
-        train = load_examples(list(cfg.datasets), "train", data_fraction=cfg.data_fraction, **common)
-        test = load_examples(list(cfg.datasets), "test", **common)
-        # a seeded subset of the test split, fixed for the whole run
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
-        test = [test[i] for i in order[:cfg.n_eval_examples].tolist()]
+        train, test = load_splits(cfg, sft_mode=not self.spec.paired,
+                                  record_examples=fmt.record_examples)
         tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    tokenize=fmt.tokenize)
         self.train_batches = BatchIterator(train, self.tokenizer, batch_size=cfg.batch_size,
@@ -114,27 +102,26 @@ class BasicTrainer(SingleProcess):
                                            **tok)
         self.eval_batches = BatchIterator(test, self.tokenizer, batch_size=cfg.eval_batch_size,
                                           shuffle=False, seed=cfg.seed, **tok)
-        print(f"data: {len(train)} train / {len(test)} eval examples from {list(cfg.datasets)}"
-              f"{fmt.describe(train)}")
+        self.print(f"data: {len(train)} train / {len(test)} eval examples from "
+                   f"{list(cfg.datasets)}{fmt.describe(train)}")
 
-    @property
-    def cache_dir(self):
-        return checkpoints.first_usable_dir(self.cfg.local_dirs)
+    def print(self, text: str):
+        if self.dist.is_main:  # one line per run, not one per rank
+            print(text)
 
     # ---- forward passes ---------------------------------------------------------------------
-    def logps(self, model, fn, *args):
-        """fn(causal LM, *args, chunk_size): sequence_logps or packed_sequence_logps on the model
-        (distributed trainers run it inside FSDP's gathered-parameter context)."""
-        return fn(lora.causal_lm(model), *args, self.cfg.logits_chunk_size)
+    def autocast(self):
+        """The autocast context of amp_dtype (a no-op when it is null)."""
+        amp = self.cfg.amp_dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, amp or "float32"),
+                              enabled=amp is not None)
 
     def forward(self, model, batch):
         """Summed log-probs: (chosen, n_chosen) for SFT; (chosen, rejected, n_c, n_r) for pairs,
         from ONE forward over the batch: packed rows (packing / prefix_sharing) or the padded
         [chosen; rejected] concatenation."""
-        cfg, paired = self.cfg, self.spec.paired
-        with torch.autocast(self.device.type, dtype=getattr(torch, cfg.amp_dtype or "float32"),
-                            enabled=cfg.amp_dtype is not None):
-            return self._forward(model, batch, cfg, paired)
+        with self.autocast():
+            return self._forward(model, batch, self.cfg, self.spec.paired)
 
     def packed(self, batch):
         """The batch as packed rows when packing or prefix sharing applies, else None."""
@@ -143,12 +130,12 @@ class BasicTrainer(SingleProcess):
             return None
         return pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
                     row_tokens=(cfg.pack_length or 2 * cfg.max_length) if cfg.packing else 0,
-                    pad_token_id=self.tokenizer.pad_token_id)
+                    pad_token_id=pad_id(self.tokenizer))
 
     def _forward(self, model, batch, cfg, paired):
         packed = self.packed(batch)
         if packed is not None:
-            logps, n = self.logps(model, packed_sequence_logps, packed.to(self.device))
+            logps, n = self.dist.logps(model, packed_sequence_logps, packed.to(self.device))
         else:
             logps, n = self._padded_logps(model, batch)
         if not paired:
@@ -159,13 +146,13 @@ class BasicTrainer(SingleProcess):
     def _padded_logps(self, model, batch):
         keys = ("input_ids", "attention_mask", "labels")
         if not self.spec.paired:
-            return self.logps(model, sequence_logps,
+            return self.dist.logps(model, sequence_logps,
                               *(batch[f"chosen_{k}"].to(self.device) for k in keys))
         length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        pad = {"input_ids": pad_id(self.tokenizer), "attention_mask": 0, "labels": -100}
         cat = lambda k: torch.cat([pad_to(batch[f"{side}_{k}"], length, pad[k])  # noqa: E731
                                    for side in ("chosen", "rejected")]).to(self.device)
-        return self.logps(model, sequence_logps, *(cat(k) for k in keys))
+        return self.dist.logps(model, sequence_logps, *(cat(k) for k in keys))
 
     def reference_logps(self, batch):
         if self.reference_table is not None:
@@ -191,23 +178,15 @@ class BasicTrainer(SingleProcess):
                              self.cfg.model.name_or_path, "max_length": self.cfg.max_length,
                              "max_prompt_length": self.cfg.max_prompt_length},
             [e.uid for e in examples], self.cfg.amp_dtype)
-        self.reference_table = self.load_reference_table(key, loader)
+        self.reference_table = self.dist.reference_table(
+            checkpoints.first_usable_dir(self.cfg.local_dirs), key, loader,
+            lambda m, b: self.reference_forward(b), self.reference_model)
         self.reference_model = None  # training holds no reference model from here on
-
-    def load_reference_table(self, key: str, loader) -> dict:
-        return reference_cache.load_or_compute(
-            self.cache_dir, key, lambda: reference_cache.compute_reference_logps(
-                lambda m, b: self.reference_forward(b), self.reference_model,
-                loader.epoch_batches(0), len(loader)))
 
     # ---- one loss evaluation: the loss's own step function (never a branch on its name) ----
     def step_metrics(self, batch, split: str):
         """(loss, per-example metric tensors) for one (micro-)batch."""
-        return self.spec.step(self, batch, split)
-
-    def shard(self, batch) -> tuple[dict, int]:
-        """This rank's part of a batch and how many real examples it holds (here: all of it)."""
-        return distributed.shard_batch(batch, self.dp_rank, self.dp_size)
+        return self.spec.step(self.ctx, batch, split)
 
     @staticmethod
     def add_metrics(sums: dict, metrics: dict, n: int):
@@ -226,8 +205,8 @@ class BasicTrainer(SingleProcess):
         sums, count = {}, 0
         with torch.no_grad():
             for batch in tqdm(self.eval_batches.epoch_batches(0), total=len(self.eval_batches),
-                              desc="eval", leave=False, disable=not self.is_main):
-                part, n = self.shard(batch)
+                              desc="eval", leave=False, disable=not self.dist.is_main):
+                part, n = self.dist.shard(batch)
                 self.add_metrics(sums, self.step_metrics(part, "eval")[1], n)
                 count += n
         results = self.reduce_means(sums, count)
@@ -236,8 +215,8 @@ class BasicTrainer(SingleProcess):
             # every rank samples the same prompts: sharded forwards are collective
             self.logger.log_samples(self.state.examples, self.sample())
         self.logger.log(results, self.state.examples)
-        print(f"eval @ {self.state.examples} examples: " +
-              ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        self.print(f"eval @ {self.state.examples} examples: " +
+                   ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
 
     def sample(self) -> list[dict]:
@@ -268,7 +247,7 @@ class BasicTrainer(SingleProcess):
                              .to(self.device), max_new_tokens=cfg.sample_max_new_tokens,
                              do_sample=True, top_p=cfg.sample_top_p,
                              temperature=cfg.sample_temperature,
-                             pad_token_id=self.tokenizer.pad_token_id,
+                             pad_token_id=pad_id(self.tokenizer),
                              # ranks stop together, or a sharded model's gathers would hang
                              synced_gpus=distributed.world_size() > 1)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
@@ -281,17 +260,14 @@ class BasicTrainer(SingleProcess):
             len(self.train_batches) * cfg.batch_size
         total = schedule.total_examples(cfg, per_epoch)
         bar = tqdm(total=total, initial=st.examples, unit="ex", desc="train", dynamic_ncols=True,
-                   disable=not self.is_main)
-        last_log = 0.0
+                   disable=not self.dist.is_main)
         while st.examples < total:
             for batch in self.train_batches.epoch_batches(st.epoch, st.epoch_offset):
                 schedule.evaluate_if_due(self)
                 metrics = self.train_step(batch)
                 bar.update(len(batch["uid"]))
                 bar.set_postfix(loss=f"{metrics['loss/train']:.4f}")
-                if time.time() - last_log >= cfg.minimum_log_interval_secs:
-                    self.logger.log(metrics, st.examples)
-                    last_log = time.time()
+                self.logger.log_train(metrics, st.examples)
                 schedule.advance_epoch(st, per_epoch)
                 schedule.save_if_due(self, len(batch["uid"]))
                 if st.examples >= total:
@@ -307,29 +283,28 @@ class BasicTrainer(SingleProcess):
         forward/backward passes."""
         budget = self.cfg.get("micro_batch_tokens")  # absent from runs saved before it existed
         if budget:
-            parts = split_by_tokens(batch, budget, self.dp_size)
+            parts = split_by_tokens(batch, budget, self.dist.dp_size)
         else:
             parts = split_batch(batch, self.cfg.gradient_accumulation_steps)
-        return [self.shard(mb) for mb in parts]
-
-    def sync_gradients(self, now: bool):
-        """Whether the coming backward reduces gradients across ranks (FSDPTrainer)."""
+        return [self.dist.shard(mb) for mb in parts]
 
     def train_step(self, batch) -> dict:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         start = time.time()
         self.policy.train()
         micro = self.micro_batches(batch)
+        self.ctx.step = self.state.steps
         sums, count = {}, 0
         for i, (mb, n) in enumerate(micro):
-            self.sync_gradients(i == len(micro) - 1)  # reduce once, after the last micro-batch
+            # reduce gradients once, after the last micro-batch
+            self.dist.sync_gradients(self.policy, i == len(micro) - 1)
             loss, metrics = self.step_metrics(mb, "train")
             # data-parallel gradients are averaged over ranks: this weight makes that average
             # the mean over the global batch, whatever each rank's share of it
-            (loss * n * self.dp_size / len(batch["uid"])).backward()
+            (loss * n * self.dist.dp_size / len(batch["uid"])).backward()
             self.add_metrics(sums, metrics, n)
             count += n
-        grad_norm = self.clip_gradients()
+        grad_norm = self.dist.clip(self.policy.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -349,59 +324,9 @@ class BasicTrainer(SingleProcess):
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, name: str | None = None):
-        if self.cfg.debug:
-            return
-        st = self.state
-        name = name or f"step-{st.examples}"
-        trainer_state = {"train_state": asdict(st), "rng": checkpoints.rng_state()}
-        state, optimizer_state = self.full_state(self.policy), self.optimizer_state_dict()
-        self.save_shards(name)
-        if self.is_main:
-            policy_state = lora.merged_state(state, self.cfg.model.lora) \
-                if lora.is_lora(self.policy) else state
-            path = checkpoints.save_checkpoint(
-                self.run_dir, name, st.examples, {"examples": st.examples}, policy_state,
-                optimizer_state, self.scheduler.state_dict(), trainer_state,
-                lambda d: self.write_extras(name, d, state, policy_state))
-            checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-            print(f"saved {path}")
-        distributed.barrier()
-        st.last_save = st.examples
-
-    def write_extras(self, name, ckpt_dir, state: dict, policy_state: dict):
-        """Files beside policy.pt, inside the same atomic checkpoint dir: the shards, the LoRA
-        adapters, the loss's own files, the Hugging Face export (adapters merged)."""
-        checkpoints.adopt_shards(self.run_dir, name, ckpt_dir)
-        if lora.is_lora(self.policy):
-            lora.save_adapter(self.policy, state, ckpt_dir / checkpoints.ADAPTER)
-        if self.spec.checkpoint_files is not None:  # the loss's own files (reward statistics)
-            self.spec.checkpoint_files(self, ckpt_dir)
-        if self.cfg.export_hf:
-            model = lora.causal_lm(self.policy)
-            from transformers import PreTrainedModel
-            if isinstance(model, PreTrainedModel):  # a causal LM, from the (merged) state dict
-                save_hf_model(model.config, policy_state, ckpt_dir / "hf")
-            else:  # a model with its own export (a reward model: backbone dir + head weights)
-                model.save_pretrained(ckpt_dir / "hf", safe_serialization=True)
-            self.tokenizer.save_pretrained(ckpt_dir / "hf")
-
-    def _restore(self, resume: dict):
-        self.load_training_state(resume)
-        self.scheduler.load_state_dict(resume["scheduler"]["state"])
-        self.state = TrainState(**resume["trainer"]["train_state"])
-        checkpoints.set_rng_state(resume["trainer"]["rng"])
-        print(f"resumed from {resume['dir']} at {self.state.examples} examples")
-
-
-class FSDPTrainer(DistributedMixin, BasicTrainer):
-    """FSDP2: every block and the root sharded over all ranks (pure data parallelism); the
-    wrapping itself is parallel.parallelize, through ShardedModels.wrap."""
-
-
-class TensorParallelTrainer(FSDPTrainer):
-    """DTensor tensor parallelism over trainer.tp_size ranks (default: all of them), and FSDP
-    over the data-parallel dimension of the 2-D mesh when there are more ranks than that
-    (distributed.tensor_parallel_size reads the trainer config)."""
-
-
-TRAINERS = {cls.__name__: cls for cls in (BasicTrainer, FSDPTrainer, TensorParallelTrainer)}
+        """A checkpoint (default step-N) through the shared writer, with the loss's own files."""
+        files = self.spec.checkpoint_files
+        extras = None if files is None else \
+            (lambda ckpt_dir: files(self.ctx, ckpt_dir, self.eval_batches, self.cfg))
+        self.writer.save(self.state, self.policy, self.policy, self.optimizer, self.scheduler,
+                         name, extras=extras)

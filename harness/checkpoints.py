@@ -1,4 +1,9 @@
-"""Run directories and checkpoints: atomic writes, a LATEST link, exact-resume state.
+"""THE run-dir layout: run dirs, checkpoints, atomic writes, LATEST, exact-resume state, and
+resolving whatever path a user gives (a policy.pt, a checkpoint dir, a run dir, a model dir).
+
+    RUN_DIR/config.yaml              the run's composed config
+    RUN_DIR/metrics.jsonl, curves.png, samples/
+    RUN_DIR/step-N/, epoch-N/        checkpoint dirs; LATEST -> the newest one
 
 A checkpoint dir (step-N/, epoch-N/) holds the reference-compatible files
     policy.pt     {"step_idx", "state", "metrics"}
@@ -15,14 +20,23 @@ import datetime
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from omegaconf import OmegaConf
+
 LATEST = "LATEST"
 SHARDED = "sharded"
 ADAPTER = "adapter"
+POLICY = "policy.pt"
+RUN_CONFIG = "config.yaml"
+# a reward-model checkpoint (loss=reward) also holds its statistics and its backbone's config and
+# tokenizer, so that it loads without the base model dir
+REWARD_META, REWARD_MODEL_DIR = "reward_model.json", "reward_model"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def first_usable_dir(local_dirs) -> str:
@@ -176,3 +190,113 @@ def load_for_resume(run_dir, sharded: bool = False) -> dict:
     if (ckpt / ADAPTER).is_dir():
         out[ADAPTER] = ckpt.resolve() / ADAPTER
     return out
+
+
+# ------------------------------------------------------------------------ resolving paths
+def resolve_path(name_or_path: str) -> str:
+    """A relative path that exists under the repo root (e.g. assets/tiny_model) works from any cwd;
+    anything else (a hub id, an absolute path) is returned unchanged."""
+    if name_or_path and not os.path.isabs(name_or_path) and not os.path.exists(name_or_path):
+        candidate = REPO_ROOT / name_or_path
+        if candidate.exists():
+            return str(candidate)
+    return name_or_path
+
+
+def run_dir_of(archive: str) -> str:
+    """The run dir of a checkpoint file: RUN_DIR/step-N/policy.pt -> RUN_DIR."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(archive)))
+
+
+def run_config(archive: str):
+    """The config.yaml of the run that wrote checkpoint file `archive`, or None."""
+    path = os.path.join(run_dir_of(archive), RUN_CONFIG)
+    return OmegaConf.load(path) if os.path.exists(path) else None
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where a checkpoint's pieces live: the model dir (architecture and, without an archive,
+    the weights), an optional policy.pt whose `state` replaces the weights, and the tokenizer."""
+    model: str
+    archive: str | None
+    tokenizer: str
+
+
+def find_policy(path: str) -> str | None:
+    """The policy.pt of a checkpoint dir or of a run dir (its LATEST), else None."""
+    for candidate in (os.path.join(path, POLICY), os.path.join(path, LATEST, POLICY)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def resolve_checkpoint(path: str, base_model: str | None = None,
+                       tokenizer: str | None = None) -> CheckpointRef:
+    """Find the model dir, archive and tokenizer of `path`.
+
+    `path` may be a policy.pt, a checkpoint dir (step-N/, LATEST/) holding one, a run dir (its
+    LATEST/policy.pt is used), a Hugging Face model dir, or a hub id. For a policy.pt the base
+    model is `base_model` if given, else model.name_or_path of the run's config.yaml (the
+    checkpoint dir's parent)."""
+    archive = None
+    if os.path.isdir(path):
+        archive = find_policy(path)
+        if archive is None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"checkpoint {path!r} holds neither {POLICY}, "
+                                    f"{LATEST}/{POLICY} nor a Hugging Face config.json")
+    elif os.path.isfile(path):
+        archive = path
+    elif path.endswith(".pt"):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if archive is None:  # a Hugging Face model dir or hub id
+        return CheckpointRef(path, None, tokenizer or path)
+    cfg = run_config(archive)
+    run_model = OmegaConf.select(cfg, "model.name_or_path") if cfg is not None else None
+    run_tokenizer = OmegaConf.select(cfg, "model.tokenizer_name_or_path") if cfg is not None else None
+    model = base_model or run_model
+    if model is None:
+        raise ValueError(f"checkpoint {archive!r} is a {POLICY} without a run {RUN_CONFIG} next "
+                         "to its checkpoint dir: name its base model (e.g. --base-model "
+                         "assets/tiny_model)")
+    return CheckpointRef(resolve_path(model), archive,
+                         resolve_path(tokenizer or (None if base_model else run_tokenizer) or model))
+
+
+def default_reference(policy_path: str) -> str:
+    """The reference a run trained against: its model.archive (e.g. the SFT policy.pt), else its
+    base model. Needs the run's config.yaml (the checkpoint dir's parent)."""
+    ref = resolve_checkpoint(policy_path)
+    if ref.archive is None:
+        raise ValueError(f"{policy_path!r} is not a run checkpoint, so its reference is unknown: "
+                         "name it (--reference PATH)")
+    cfg = run_config(ref.archive)
+    return OmegaConf.select(cfg, "model.archive") or OmegaConf.select(cfg, "model.name_or_path")
+
+
+def output_path(policy_path: str, name: str) -> str:
+    """Where a result file about a checkpoint goes: into its checkpoint / model dir (a run dir's
+    LATEST)."""
+    target = policy_path if os.path.isdir(policy_path) else os.path.dirname(
+        os.path.abspath(policy_path))
+    if not os.path.isdir(target):
+        raise ValueError(f"{policy_path!r} is not a local checkpoint: give an output path (--out)")
+    if os.path.isfile(os.path.join(target, LATEST, POLICY)):  # a run dir
+        target = os.path.join(target, LATEST)
+    return os.path.join(target, name)
+
+
+def reward_checkpoint_dir(path) -> Path:
+    """A reward model's run dir (-> LATEST), checkpoint dir, or its policy.pt -> the checkpoint
+    dir (the one holding reward_model.json)."""
+    path = Path(path)
+    if path.name == POLICY:
+        path = path.parent
+    if (path / LATEST).exists() and not (path / REWARD_META).exists():
+        path = path / LATEST
+    if not (path / REWARD_META).exists():
+        raise FileNotFoundError(
+            f"{path} is not a reward-model checkpoint ({REWARD_META} missing). Train one with "
+            "`python train.py loss=reward model.archive=SFT_RUN/LATEST/policy.pt` and pass its "
+            "run dir or checkpoint dir")
+    return path

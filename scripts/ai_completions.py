@@ -25,10 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.feedback.judges import fingerprint  # noqa: E402
 from harness.feedback.openai_client import (GaveUp, OpenAIClient, RetryableError, RetryPolicy,  # noqa: E402
                                    api_key_from_env, choice_of, usage_of)
-from harness.feedback.results_log import FAILED, ResultsLog, run_resumable  # noqa: E402
+from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import load_prompt_set  # noqa: E402
 
 

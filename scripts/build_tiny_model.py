@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.data.tokens import pad_with_mask  # noqa: E402
 from harness.data.toy_task import gold_reward, pretraining_corpus, toy_records  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -75,12 +76,7 @@ def batches(ids: list[list[int]], batch_size: int, pad_id: int, rng: random.Rand
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = [ids[i] for i in order[start:start + batch_size]]
-            width = max(map(len, rows))
-            input_ids = torch.full((len(rows), width), pad_id)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                input_ids[r, :len(row)] = torch.tensor(row)
-                mask[r, :len(row)] = 1
+            input_ids, mask = pad_with_mask(rows, pad_id)
             yield input_ids, mask, input_ids.masked_fill(mask == 0, -100)
 
 

@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,7 +75,8 @@ def _seed(seed: int, start: int, k: int) -> int:
 def generate(args, prompts: list[str]) -> list[list[str]]:
     """samples[i][k]: sample k of prompt i."""
     import torch
-    from harness.models.generation import SamplingConfig, load_checkpoint, sample
+    from harness.models.generation import SamplingConfig, sample
+    from harness.models.modeling import load_checkpoint
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_checkpoint(args.checkpoint, base_model=args.base_model, device=device)
     per_prompt = [[] for _ in prompts]

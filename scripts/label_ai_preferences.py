@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.feedback.judges import JUDGES, fingerprint, make_judge  # noqa: E402
+from harness.feedback.judges import JUDGES, make_judge  # noqa: E402
 from harness.feedback.openai_client import GaveUp  # noqa: E402
-from harness.feedback.results_log import FAILED, ResultsLog, run_resumable  # noqa: E402
+from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import make_pairs, read_samples  # noqa: E402
 from harness.evaluation.stats import win_rate  # noqa: E402
 

@@ -9,23 +9,22 @@ OUT/report.json and OUT/report.png (gold reward per model with a 95% interval, w
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.feedback.sample_files import prompt_of  # noqa: E402
-from harness.data.toy_task import get_gold_reward  # noqa: E402
+from harness.data.dialogue import human_prompt  # noqa: E402
+from harness.evaluation.stats import mean_ci  # noqa: E402
+from harness.data.gold import get_gold_reward  # noqa: E402
 
 
 def gold_stats(path: str, reward) -> dict:
     rows = json.loads(Path(path).read_text())
-    values = [reward(prompt_of(r["instruction"]), " " + r["output"]) for r in rows]
-    n, mean = len(values), sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
-    return {"n": n, "mean": mean, "ci95": 1.96 * sd / math.sqrt(n)}
+    values = [reward(human_prompt(r["instruction"]), " " + r["output"]) for r in rows]
+    mean, ci95 = mean_ci(values)
+    return {"n": len(values), "mean": mean, "ci95": ci95}
 
 
 def _pairs(items, flag):

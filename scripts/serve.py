@@ -221,14 +221,14 @@ def _named(value: str, flag: str) -> tuple[str, str]:
 def build_backends(args) -> dict:
     backends = {}
     for spec in args.model or []:
-        from harness.models.generation import load_checkpoint
+        from harness.models.modeling import load_checkpoint
         name, path = _named(spec, "--model")
         model, tok = load_checkpoint(path, base_model=args.base_model, dtype=args.dtype,
                                      device=args.device)
         backends[name] = ModelBackend(name, model, tok, args.max_new_tokens, speed_options(args))
     for spec in args.gold_judge or []:
         from harness.feedback.judges import load_template
-        from harness.data.toy_task import get_gold_reward
+        from harness.data.gold import get_gold_reward
         name, reward = _named(spec, "--gold-judge")
         backends[name] = ScriptedJudge(name, get_gold_reward(reward),
                                        load_template(args.judge_template), args.judge_temperature)

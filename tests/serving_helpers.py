@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness.feedback.judges import load_template
 from harness.feedback.serving import Batcher, ScriptedJudge
-from harness.data.toy_task import get_gold_reward
+from harness.data.gold import get_gold_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("serve", ROOT / "scripts" / "serve.py")

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import train
-from harness.models.generation import load_checkpoint
+from harness.models.modeling import load_checkpoint
 from harness.training.run_logging import read_metrics
 from harness.feedback.serving import ModelBackend
 from harness.data.toy_task import toy_records

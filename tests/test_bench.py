@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end on the tiny preset and prints one JSON line per configuration."""
+"""scripts/bench/bench.py runs end to end on the tiny preset and prints one JSON line per configuration."""
 
 import json
 import subprocess
@@ -18,7 +18,7 @@ FIELDS = {"preset", "config", "impl", "loss", "reference", "device", "dtype", "b
 def test_bench_cpu_tiny_ours(tmp_path):
     out = tmp_path / "results.jsonl"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "cpu-tiny", "--steps", "2",
+        [sys.executable, str(REPO / "scripts" / "bench" / "bench.py"), "--preset", "cpu-tiny", "--steps", "2",
          "--warmup", "1", "--only", "bare", "ours", "--threads", "1", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # ~30 s on 2 idle cores
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,13 +52,13 @@ def test_gpu_preset_fails_clearly_without_cuda():
     import torch
     if torch.cuda.is_available():
         return
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "h100-1b"],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench.py"), "--preset", "h100-1b"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "CUDA" in proc.stderr and not proc.stdout
 
 
 def bench(tmp_path, *args, script="bench.py"):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--threads", "1", *args],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / script), "--threads", "1", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]

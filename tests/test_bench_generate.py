@@ -1,4 +1,4 @@
-"""scripts/bench_generate.py runs our generation paths against plain generate and prints one JSON
+"""scripts/bench/bench_generate.py runs our generation paths against plain generate and prints one JSON
 line per configuration."""
 
 import argparse
@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_bench import REPO, bench
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts" / "bench"))
 import bench_generate  # noqa: E402
 import benchlib  # noqa: E402
 
@@ -64,6 +64,6 @@ def test_gpu_preset_fails_clearly_without_cuda():
     import torch
     if torch.cuda.is_available():
         return
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_generate.py"),
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_generate.py"),
                            "--preset", "h100-1b"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "--device cpu" in proc.stderr and not proc.stdout

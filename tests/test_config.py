@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from train import check_config
-from harness.objectives import LOSSES
-from trainers import TRAINERS
+from harness.objectives import known_losses
+from harness.parallel.distributed import TRAINERS
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 MODEL_KEYS = {"name_or_path", "tokenizer_name_or_path", "archive", "block_name", "policy_dtype",
@@ -31,7 +31,7 @@ def make(*overrides):
 
 
 def test_groups_have_the_promised_options():
-    assert set(options("loss")) == {"sft", "dpo", "ipo", "coh", "reward", "ppo"} == set(LOSSES)
+    assert set(options("loss")) == {"sft", "dpo", "ipo", "coh", "reward", "ppo"} == set(known_losses())
     assert set(options("trainer")) == set(TRAINERS)
     assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
             "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
@@ -99,25 +99,58 @@ def test_every_trainer_composes(trainer):
     (["micro_batch_tokens=0"], "micro_batch_tokens"),
     (["micro_batch_tokens=2048", "gradient_accumulation_steps=2", "batch_size=4"],
      "gradient_accumulation_steps=1"),
-    (["loss=ppo", "loss.reward_model=R", "micro_batch_tokens=2048"], "offline loop"),
+    (["loss=ppo", "loss.reward_model=R", "micro_batch_tokens=2048"],
+     "micro_batch_tokens is not read by loss=ppo"),
     (["loss=coh", "loss.pt_data=toy", "micro_batch_tokens=2048"], "pretraining mix"),
     (["loss=dpo", "loss.beta=0.1", "+loss.gamma=1"], "loss.gamma"),
+    # every accepted option is read: options no part of the run reads are refused, by name
+    (["loss=ipo", "loss.beta=0.1", "+loss.label_smoothing=0.3"],
+     "loss.label_smoothing is not an option of loss=ipo"),
+    (["loss=dpo", "loss.beta=0.1", "+loss.bta=1"], "did you mean 'beta'"),
+    (["loss=ppo", "loss.reward_model=R", "packing=true"], "packing is not read by loss=ppo"),
+    (["loss=ppo", "loss.reward_model=R", "amp_dtype=bfloat16"], "amp_dtype is not read"),
+    (["loss=ppo", "loss.reward_model=R", "precompute_reference=false"],
+     "precompute_reference is not read"),
+    (["loss=reward", "prefix_sharing=true"], "prefix_sharing is not read by loss=reward"),
+    (["loss=reward", "trainer=FSDPTrainer"], "trainer=BasicTrainer"),
+    (["loss=sft", "precompute_reference=false"], "precompute_reference is not read by loss=sft"),
+    (["loss=sft", "prefix_sharing=true"], "prefix_sharing is not read by loss=sft"),
+    (["pack_length=64"], "pack_length is not read"),
+    (["nproc_per_node=2"], "nproc_per_node is not read"),
+    (["loss=dpo", "loss.beta=0"], "loss.beta=0"),
+    (["loss=dpo", "loss.beta=-1"], "loss.beta=-1"),
+    (["loss=ipo", "loss.beta=0"], "loss.beta=0"),
+    (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=0.6"], r"\[0, 0.5\)"),
     (["model.lora.r=0"], "model.lora.r"),
     (["model.lora.r=8", "trainer=TensorParallelTrainer"], "LoRA"),
     (["loss=ppo"], "loss=reward"),  # no reward model: says how to train one
     (["loss=ppo", "loss.reward_model=R", "batch_size=12", "loss.mini_batch_size=8"],
      "multiple of loss.mini_batch_size=8"),
     (["loss=ppo", "loss.reward_model=R", "loss.max_new_tokens=300"], "loss.max_new_tokens"),
-    (["loss=ppo", "loss.reward_model=R", "activation_checkpointing=true"], "eval mode"),
+    (["loss=ppo", "loss.reward_model=R", "activation_checkpointing=true"],
+     "activation_checkpointing is not read by loss=ppo"),
     (["loss=ppo", "loss.reward_model=R", "gradient_accumulation_steps=2", "batch_size=8"],
-     "loss.mini_batch_size"),
+     "gradient_accumulation_steps is not read by loss=ppo"),
     (["loss=ppo", "loss.reward_model=R", "loss.kl_estimator=k2"], "loss.kl_estimator"),
     (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
     (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),
 ])
 def test_bad_config_is_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        check_config(make(*overrides))
+        check_config(make(*overrides), overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=dpo", "loss.beta=0.1", "packing=true", "pack_length=256", "prefix_sharing=true",
+     "amp_dtype=bfloat16", "precompute_reference=false", "logits_chunk_size=64"],
+    ["loss=sft", "packing=true", "sample_temperature=0.7", "micro_batch_tokens=512"],
+    ["loss=reward", "amp_dtype=bfloat16", "activation_checkpointing=true", "compile=true"],
+    ["loss=ppo", "loss.reward_model=R", "fused_optimizer=true", "sample_during_eval=false",
+     "minimum_log_interval_secs=5"],
+    ["trainer=FSDPTrainer", "nproc_per_node=2", "fsdp_port=12355"],
+])
+def test_options_the_run_reads_are_accepted(overrides):
+    check_config(make(*overrides), world_size=1, overrides=overrides)
 
 
 def test_reference_command_lines_compose():

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from harness.evaluation.gold_eval import (Z_95, EvalConfig, evaluate, load_prompts, mean_ci, sequence_kl,
-                                win_scores)
+from harness.evaluation.gold_eval import EvalConfig, evaluate, load_prompts
+from harness.evaluation.stats import Z_95, mean_ci, sequence_kl, win_scores
 from harness.models.generation import SamplingConfig
-from harness.models.modeling import REPO_ROOT
+from harness.checkpoints import REPO_ROOT
 
 TINY = str(REPO_ROOT / "assets" / "tiny_model")
 SCRIPT = str(REPO_ROOT / "scripts" / "evaluate.py")

@@ -85,14 +85,14 @@ def test_fcm_is_applied_in_training_and_off_at_eval():
         return -n.float(), n
 
     data = SimpleNamespace(settings=SimpleNamespace(fcm_min=0.0, fcm_max=0.15), pt_stream=None)
-    from losses import coh_loss
-    trainer = SimpleNamespace(example_format=data, device="cpu", forward=forward,
-                              policy=torch.nn.Linear(1, 1), loss_kwargs={"pt_loss_weight": 0.0},
-                              spec=SimpleNamespace(fn=coh_loss))
+    from harness.objectives import StepContext
+    ctx = StepContext(policy=torch.nn.Linear(1, 1), forward=forward, reference_logps=None,
+                      options=SimpleNamespace(pt_loss_weight=0.0), device="cpu", tokenizer=None,
+                      data=data)
     batch = {"uid": ["a", "b"], "chosen_attention_mask": torch.ones(2, 5, dtype=torch.long),
              "chosen_labels": torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, 3, 4, 5]])}
-    _, train_metrics = coh_step(trainer, batch, "train")
-    _, eval_metrics = coh_step(trainer, batch, "eval")
+    _, train_metrics = coh_step(ctx, batch, "train")
+    _, eval_metrics = coh_step(ctx, batch, "eval")
     assert seen == [4, 2]
     assert "fcm/drop_rate" in train_metrics and "fcm/drop_rate" not in eval_metrics
     assert eval_metrics["loss/eval"].tolist() == [1.0, 1.0]  # 5 tokens, NLL 1 each

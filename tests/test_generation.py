@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from harness.checkpoints import REPO_ROOT, resolve_checkpoint
 from harness.models.generation import (KeyedSampling, SamplingConfig, completion_logps,
-                                completion_token_logps, encode_completions, hash32,
-                                load_checkpoint, plan_batches, resolve_checkpoint, sample)
-from harness.models.modeling import REPO_ROOT
+                                       completion_token_logps, encode_completions, hash32,
+                                       plan_batches, sample)
+from harness.models.modeling import load_checkpoint
 from harness.data.toy_task import toy_records
 
 TINY = str(REPO_ROOT / "assets" / "tiny_model")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.data.toy_task import get_gold_reward, toy_records
-from harness.feedback.sample_files import prompt_of, sample_row
+from harness.data.gold import get_gold_reward
+from harness.data.toy_task import toy_records
+from harness.data.dialogue import human_prompt as prompt_of
+from harness.feedback.sample_files import sample_row
 from serving_helpers import ROOT, running_server, serve, toy_judge  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "scripts"))

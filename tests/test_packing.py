@@ -122,7 +122,7 @@ def test_compiled_blocks_give_the_same_logps_and_grads(toy_pairs):
 
 def test_fused_optimizer_matches_foreach():
     from omegaconf import OmegaConf
-    from trainers import make_optimizer
+    from harness.training.setup import make_optimizer
     torch.manual_seed(0)
     params = {flag: [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
               for flag in (False, True)}

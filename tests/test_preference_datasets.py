@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import preference_datasets as pd
+from harness.data.sources import in_test_split
 from preference_datasets import (BatchIterator, collate, get_dataset, load_examples, make_example,
                                  tokenize_example)
 
@@ -146,9 +146,9 @@ def test_train_test_disjoint(load, spec):
 
 def test_hash_split_is_stable_and_about_five_percent():
     keys = [P(f"question {i}") for i in range(4000)]
-    share = sum(map(pd.in_test_split, keys)) / len(keys)
+    share = sum(map(in_test_split, keys)) / len(keys)
     assert 0.035 < share < 0.065
-    assert [pd.in_test_split(k) for k in keys[:50]] == [pd.in_test_split(k) for k in keys[:50]]
+    assert [in_test_split(k) for k in keys[:50]] == [in_test_split(k) for k in keys[:50]]
 
 
 # ---------------------------------------------------------------- bad input

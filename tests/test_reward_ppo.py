@@ -16,7 +16,8 @@ from harness.rl import ppo
 from harness.models.modeling import last_token_index, load_model, load_tokenizer
 from harness.rl.rollout import policy_logprobs
 from harness.models.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
-                                  load_reward_model, to_ratings)
+                                         load_reward_model)
+from harness.objectives.reward import to_ratings
 from harness.training.run_logging import read_metrics
 from harness.data.toy_task import all_prompts, parse_request
 
@@ -240,14 +241,14 @@ def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run):
     the reference is the base model and the reward model the original, even after training."""
     trainer = _trainer(tmp_path, reward_run, *LORA)
     trained = {name: [k for k, p in model.named_parameters() if p.requires_grad]
-               for name, model in trainer.trained.items()}
+               for name, model in trainer.models.trained.items()}
     assert trained["policy"] and all("lora_" in k for k in trained["policy"])
     assert {k for k in trained["critic"] if "lora_" not in k} == {
         "base_model.model.score.modules_to_save.default.weight",
         "base_model.model.score.modules_to_save.default.bias"}
-    before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.models.trained.state_dict().items()}
     trainer.ppo_step(trainer.train_examples[:16])
-    after = trainer.trained.state_dict()
+    after = trainer.models.trained.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"{name}.{k}" for name, keys in trained.items() for k in keys}
     # the reference (adapters off) is the base model; the trained actor is not
@@ -312,5 +313,5 @@ def test_ppo_saves_every_n_epochs(tmp_path, reward_run):
                   "n_epochs=3", "save_every=epoch_2", "loss.max_new_tokens=8",
                   "do_first_eval=false")
     assert sorted(p.name for p in run_dir.glob("*-*")) == ["epoch-2", "step-48"]
-    state = torch.load(run_dir / "epoch-2" / "trainer_state.pt", weights_only=False)["ppo_state"]
+    state = torch.load(run_dir / "epoch-2" / "trainer_state.pt", weights_only=False)["train_state"]
     assert (state["examples"], state["epoch"], state["epoch_offset"]) == (32, 2, 0)

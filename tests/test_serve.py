@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from harness.models.generation import load_checkpoint
-from harness.models.modeling import REPO_ROOT
+from harness.checkpoints import REPO_ROOT
+from harness.models.modeling import load_checkpoint
 from harness.feedback.serving import ModelBackend
 from serving_helpers import http, running_server, toy_judge
 

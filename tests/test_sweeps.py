@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from harness import checkpoints
-from harness.models.modeling import REPO_ROOT
+from harness.checkpoints import REPO_ROOT
 from harness.evaluation.sweep_summary import collect, to_csv, to_markdown
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))

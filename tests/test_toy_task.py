@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.data.toy_task import (GOLD_REWARDS, get_gold_reward, gold_reward, parse_request,
-                              pretraining_corpus, register_gold_reward, toy_records)
+from harness.data.gold import GOLD_REWARDS, get_gold_reward, register_gold_reward
+from harness.data.toy_task import gold_reward, parse_request, pretraining_corpus, toy_records
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny_model"
 

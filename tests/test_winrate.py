@@ -6,7 +6,8 @@ import pytest
 
 from harness.feedback.judges import load_template, verdict_from_logprobs, verdict_from_text
 from harness.feedback.openai_client import RetryableError
-from harness.evaluation.stats import Z95, combine_orders, win_rate
+from harness.evaluation.stats import Z_95, win_rate
+from harness.feedback.judges import combine_orders
 
 
 @pytest.mark.parametrize("p_first, p_swapped, expected", [
@@ -36,7 +37,7 @@ def test_win_rate_by_hand():
     assert (rate.n, rate.wins, rate.losses, rate.ties, rate.failed) == (4, 2, 1, 1, 1)
     assert rate.win_rate == pytest.approx(0.625)
     assert rate.std_error == pytest.approx(se)
-    assert rate.ci_low == pytest.approx(0.625 - Z95 * se)
+    assert rate.ci_low == pytest.approx(0.625 - Z_95 * se)
     assert rate.ci_high == 1.0  # 0.625 + 0.469 clipped
     assert "62.5%" in str(rate) and "1 failed" in str(rate)
 
@@ -44,7 +45,7 @@ def test_win_rate_by_hand():
 def test_win_rate_soft_preferences_and_edge_cases():
     rate = win_rate([1.25, 1.75])  # s = 0.25, 0.75: mean 0.5, sd sqrt(0.125), se 0.25
     assert (rate.win_rate, rate.std_error, rate.wins, rate.losses, rate.ties) == (0.5, 0.25, 1, 1, 0)
-    assert rate.ci_low == pytest.approx(0.5 - Z95 * 0.25)
+    assert rate.ci_low == pytest.approx(0.5 - Z_95 * 0.25)
     one = win_rate([2.0])
     assert one.win_rate == 1.0 and (one.ci_low, one.ci_high) == (0.0, 1.0)
     assert math.isnan(win_rate([None, None]).win_rate) and win_rate([None]).failed == 1

@@ -13,16 +13,15 @@ its own in checkpoints, and a resumed run sees exactly the batches the killed on
 import os
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from harness.data.sources import read_json
-from harness.models.modeling import pad_id
+from harness.data.tokens import pad, pad_id, pad_with_mask
 
 TOY_DOCUMENTS = 2000  # bundled toy corpus size when pt_data=toy
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".txt", ".json", ".jsonl"))
 
 
@@ -46,7 +45,7 @@ def read_documents(source: str, *, seed: int = 0, text_field: str = "text", spli
             with open(source, encoding="utf-8") as f:
                 docs = [line.rstrip("\n") for line in f if line.strip()]
         docs = docs[:max_documents]
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise FileNotFoundError(f"loss.pt_data={source!r}: no such file (give a local text file, "
                                 "a hub dataset id such as allenai/c4, or 'toy')")
     else:
@@ -95,13 +94,8 @@ class PretrainStream:
     def batch(self, index: int, size: int) -> dict:
         """The `index`-th batch of `size` windows: input_ids, attention_mask, labels [size, len]."""
         rows = [self._row(p) for p in range(index * size, (index + 1) * size)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((size, width), self.pad, dtype=torch.long)
-        labels = torch.full((size, width), -100, dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = labels[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = pad_with_mask(rows, self.pad)
+        labels = pad(rows, -100)
         return {"chosen_input_ids": ids, "chosen_attention_mask": mask, "chosen_labels": labels}
 
     def next_batch(self, step: int, micro_batches: int, size: int) -> dict:

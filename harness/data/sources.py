@@ -1,24 +1,34 @@
-"""Source loaders: raw hub/local data -> canonical preference records (see preference_datasets).
+"""The dataset table and its source loaders: raw hub/local data -> canonical preference records
+(see preference_datasets).
 
 Each loader reads its hub dataset in real use and, given PATH (spec "name:PATH"), a local
 file/folder in the same raw schema through the same code, so tests exercise the real path.
 Loader signature: fn(split, path=None, *, cache_dir, num_turns, silent) -> records.
 """
+import hashlib
 import json
 import logging
 import math
 import os
 from collections import Counter
 from collections.abc import Mapping
-from html.parser import HTMLParser
 from itertools import combinations
+from typing import Callable
 
 import datasets
 import tqdm
 
-from preference_datasets import Records, in_test_split, register
+from harness import registry
+from harness.data.dialogue import dialogue, extract_prompt, human_prompt
+from harness.data.html_text import strip_html
 
 logger = logging.getLogger(__name__)
+
+Records = dict[str, dict]
+DATASETS: dict[str, Callable[..., Records]] = {}
+# decorator: @register("name") makes a loader available as get_dataset(name)
+register = registry.decorator(DATASETS, "dataset")
+TEST_FRACTION = 0.05  # share of prompts held out by hash for sources without a test split
 
 # Strings that tokenizers turn into BOS/EOS; inside a response they would teach the model to
 # stop mid-answer (the RLAIF fork drops such conversations for the same reason).
@@ -27,6 +37,12 @@ SHAREGPT_HUB = ("anon8231489123/ShareGPT_Vicuna_unfiltered", "ShareGPT_V3_unfilt
 
 
 # ---------------------------------------------------------------- shared helpers
+
+def in_test_split(key: str) -> bool:
+    """Stable hash split: about TEST_FRACTION of keys are test, whatever the seed or row order."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
+
 
 def _in_split(key: str, split: str) -> bool:
     return in_test_split(key) == (split == "test")
@@ -66,10 +82,6 @@ def _log_drops(name: str, split: str, total: int, dropped: Counter):
 
 def _progress(rows, desc: str, silent: bool):
     return tqdm.tqdm(rows, desc=f"Processing {desc}", disable=silent)
-
-
-def _human_prompt(text: str) -> str:
-    return "\n\nHuman: " + text + "\n\nAssistant:"
 
 
 def _new_record(sft_target, truncation_mode="keep_start") -> dict:
@@ -121,68 +133,7 @@ def _has_markers(texts) -> bool:
     return any(marker in text for text in texts for marker in SPECIAL_MARKERS)
 
 
-# ---------------------------------------------------------------- HTML (StackExchange)
-
-class _HtmlBlocks(HTMLParser):
-    """Text of each top-level HTML block; <pre>/<code> blocks are kept as <code>...</code>
-    (they hold real code, as in the reference). Unlike the reference, text inside inline tags
-    (<a>, <em>, ...) and lists is kept instead of silently dropped."""
-    VOID = {"br", "hr", "img", "input", "meta", "link", "wbr"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.blocks, self.depth, self.current, self.is_code = [], 0, None, False
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.VOID:
-            if tag == "br" and self.current is not None:
-                self.current.append("\n")
-            return
-        if self.depth == 0:
-            self.current, self.is_code = [], tag in ("pre", "code")
-        self.depth += 1
-
-    def handle_endtag(self, tag):
-        if tag in self.VOID or self.depth == 0:
-            return
-        self.depth -= 1
-        if self.depth == 0:
-            self._flush()
-
-    def handle_data(self, data):
-        if self.depth == 0:
-            if data.strip():
-                self.blocks.append(data.strip())
-        else:
-            self.current.append(data)
-
-    def _flush(self):
-        text = "".join(self.current)
-        text = f"<code>{text}</code>" if self.is_code else text.strip()
-        if text.strip():
-            self.blocks.append(text)
-        self.current = None
-
-
-def strip_html(html: str) -> str:
-    parser = _HtmlBlocks()
-    parser.feed(html)
-    parser.close()
-    if parser.current is not None:  # unclosed top-level tag
-        parser._flush()
-    return "\n\n".join(parser.blocks)
-
-
 # ---------------------------------------------------------------- loaders
-
-def extract_anthropic_prompt(dialogue: str, where: str) -> str:
-    """Everything up to and including the last '\\n\\nAssistant:' (reference behaviour)."""
-    marker = "\n\nAssistant:"
-    idx = dialogue.rfind(marker)
-    if idx == -1:
-        raise ValueError(f"{where}: dialogue does not contain {marker!r}")
-    return dialogue[: idx + len(marker)]
-
 
 @register("hh")
 def load_hh(split, path=None, *, cache_dir=None, silent=False, **_):
@@ -192,7 +143,7 @@ def load_hh(split, path=None, *, cache_dir=None, silent=False, **_):
     data = {}
     for i, row in enumerate(_progress(_load_rows("Anthropic/hh-rlhf", path, split, cache_dir), "hh", silent)):
         _require(row, ("chosen", "rejected"), i, source)
-        prompt = extract_anthropic_prompt(row["chosen"], f"{source}: record {i}")
+        prompt = extract_prompt(row["chosen"], f"{source}: record {i}")
         chosen, rejected = row["chosen"][len(prompt):], row["rejected"][len(prompt):]
         # keep_end: multi-turn dialogues matter most at the end, next to the response
         record = _add_pair(data, prompt, chosen, rejected, "keep_end")
@@ -217,7 +168,7 @@ def load_shp(split, path=None, *, cache_dir=None, silent=False, **_):
         if _score_ratio(row["score_A"], row["score_B"]) < 2:
             dropped["score ratio < 2"] += 1
             continue
-        prompt = _human_prompt(row["history"])
+        prompt = human_prompt(row["history"])
         record = data.setdefault(prompt, _new_record(None))
         n = len(record["responses"])
         # labels == 1 means A is preferred (dataset card)
@@ -252,7 +203,7 @@ def load_se(split, path=None, *, cache_dir=None, silent=False, **_):
                     num_proc=os.cpu_count() if len(rows) > 10_000 else None, desc="Stripping SE html")
     data = {}
     for row in _progress(rows, "se", silent):
-        prompt = _human_prompt(row["question"])
+        prompt = human_prompt(row["question"])
         if prompt in data or not row["answers"] or not _in_split(prompt, split):
             continue
         responses = [" " + a["text"] for a in row["answers"]]
@@ -302,15 +253,15 @@ def load_sharegpt(split, path=None, *, cache_dir=None, num_turns=1, silent=False
         exchanges = _exchanges(row["conversations"], i, path)[:num_turns]
         # split by the first human message, so any num_turns and single-turn AI labels of the
         # same conversations (prefs) land in the same split
-        if exchanges and not _in_split(_human_prompt(exchanges[0][0]), split):
+        if exchanges and not _in_split(human_prompt(exchanges[0][0]), split):
             continue
         if not exchanges:
             dropped["no human->assistant exchange"] += 1
         elif _has_markers(text for exchange in exchanges for text in exchange):
             dropped["special token strings"] += 1
         else:
-            history = "".join(f"\n\nHuman: {h}\n\nAssistant: {a}" for h, a in exchanges[:-1])
-            prompt = history + _human_prompt(exchanges[-1][0])
+            history = exchanges[:-1]
+            prompt = dialogue(history, exchanges[-1][0])
             target = " " + exchanges[-1][1]
             record = _new_record(target, "keep_end" if history else "keep_start")
             record["responses"] = [target]
@@ -348,7 +299,7 @@ def load_prefs(split, path=None, *, silent=False, **_):
     data, dropped, total = {}, Counter(), 0
     for i, row in enumerate(_progress(read_json(path), "prefs", silent)):
         _require(row, ("instruction", "output_1", "output_2"), i, path)
-        prompt = _human_prompt(row["instruction"])
+        prompt = human_prompt(row["instruction"])
         if not _in_split(prompt, split):
             continue
         total += 1

@@ -20,9 +20,8 @@ strongest words of the requested polarity, right topic) is close to 1.
 
 import random
 import re
-from typing import Callable
-
-from harness import registry
+from harness.data.dialogue import first_answer, human_prompt, last_human_turn
+from harness.data.gold import register_gold_reward
 
 # ---------------------------------------------------------------- vocabulary
 # Small word lists keep the BPE vocabulary tiny, so a ~150k-parameter model
@@ -72,14 +71,9 @@ def _words(text: str) -> list[str]:
 
 
 # ------------------------------------------------------------------- prompts
-def format_prompt(request: str) -> str:
-    """Wrap a request in the reference (Anthropic HH) dialogue template."""
-    return f"\n\nHuman: {request}\n\nAssistant:"
-
-
 def all_prompts() -> list[str]:
     """Every prompt of the task (topic x polarity x request template x name)."""
-    return [format_prompt(t.format(pol=pol, topic=topic, name=name))
+    return [human_prompt(t.format(pol=pol, topic=topic, name=name))
             for topic in TOPICS for pol in POLARITIES for t in REQUESTS for name in NAMES]
 
 
@@ -95,8 +89,7 @@ def parse_request(prompt: str) -> tuple[str | None, float]:
 
     Only the last human turn counts, so multi-turn or chained prompts still parse.
     """
-    request = prompt.rsplit("Human:", 1)[-1].split("Assistant:", 1)[0]
-    words = _words(request)
+    words = _words(last_human_turn(prompt))
     topic = next((w for w in words if w in TOPICS), None)
     polarity = next((POLARITIES[w] for w in words if w in POLARITIES), 0.0)
     return topic, polarity
@@ -131,22 +124,7 @@ def sample_response(rng: random.Random, prompt: str) -> str:
     return " " + " ".join([first, *rest])
 
 
-# -------------------------------------------------------------- gold rewards
-GoldReward = Callable[[str, str], float]
-GOLD_REWARDS: dict[str, GoldReward] = {}
-
-
-# decorator: @register_gold_reward("name") makes `fn(prompt, completion) -> float` available as
-# get_gold_reward(name)
-register_gold_reward = registry.decorator(GOLD_REWARDS, "gold reward")
-
-
-def get_gold_reward(name: str) -> GoldReward:
-    if name not in GOLD_REWARDS:
-        raise KeyError(f"unknown gold reward {name!r}; registered: {sorted(GOLD_REWARDS)}")
-    return GOLD_REWARDS[name]
-
-
+# -------------------------------------------------------------- gold reward
 @register_gold_reward("toy")
 def gold_reward(prompt: str, completion: str) -> float:
     """Toy gold reward in [-1, 1]; see the module docstring for the formula.
@@ -155,8 +133,7 @@ def gold_reward(prompt: str, completion: str) -> float:
     cut there, and text without sentiment or topic words scores 0.
     """
     topic, polarity = parse_request(prompt)
-    answer = re.split(r"Human:|Assistant:", completion, maxsplit=1)[0]
-    words = _words(answer)
+    words = _words(first_answer(completion))
     scores = [SENTIMENT[w] for w in words if w in SENTIMENT]
     sentiment = sum(scores) / len(scores) if scores else 0.0
     mentioned = {w for w in words if w in TOPICS}

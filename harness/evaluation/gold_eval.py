@@ -20,52 +20,18 @@ mean +- 1.96 * sd / sqrt(n), with sd the sample standard deviation (n - 1).
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
-from omegaconf import OmegaConf
 
-from harness.checkpoints import atomic_write_text
-from harness.models.generation import (SamplingConfig, completion_logps, load_checkpoint,
-                                resolve_checkpoint, sample)
-from harness.data.toy_task import get_gold_reward
-
-Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
-
-
-# ------------------------------------------------------------------------- statistics
-def mean_ci(values) -> tuple[float, float]:
-    """(mean, half-width of the 95% normal interval); the half-width is NaN for one value."""
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if x.numel() == 0:
-        raise ValueError("no values to average")
-    if x.numel() == 1:
-        return x.item(), math.nan
-    return x.mean().item(), Z_95 * x.std(correction=1).item() / math.sqrt(x.numel())
-
-
-def win_scores(policy_rewards, reference_rewards) -> torch.Tensor:
-    """Per prompt: 1 if the policy's reward is higher, 0.5 on a tie, 0 if lower."""
-    p = torch.as_tensor(policy_rewards, dtype=torch.float64)
-    r = torch.as_tensor(reference_rewards, dtype=torch.float64)
-    if p.shape != r.shape:
-        raise ValueError(f"{p.numel()} policy rewards but {r.numel()} reference rewards")
-    return (p > r).double() + 0.5 * (p == r).double()
-
-
-def sequence_kl(policy_logps, reference_logps) -> torch.Tensor:
-    """Per-sequence log-ratios log pi(y|x) - log ref(y|x) of samples y ~ pi: their mean is the
-    Monte Carlo estimate of KL(pi || ref). Inputs: summed log-probs [n] (or per-token [n, T]
-    with padding already 0, which sums to the same)."""
-    p = torch.as_tensor(policy_logps, dtype=torch.float64)
-    r = torch.as_tensor(reference_logps, dtype=torch.float64)
-    if p.shape != r.shape:
-        raise ValueError(f"policy log-probs {tuple(p.shape)} vs reference {tuple(r.shape)}")
-    diff = p - r
-    return diff.sum(-1) if diff.dim() > 1 else diff
-
+from harness.checkpoints import (atomic_write_text, default_reference, resolve_checkpoint,
+                                 run_config)
+from harness.checkpoints import output_path as checkpoint_output_path
+from harness.data.gold import get_gold_reward
+from harness.evaluation.stats import mean_ci, sequence_kl, win_scores
+from harness.models.generation import SamplingConfig, completion_logps, sample
+from harness.models.modeling import load_checkpoint
+from harness.objectives import sampling_prompt_suffix
 
 # ------------------------------------------------------------------------------ inputs
 def load_prompts(dataset: str = "toy", split: str = "test", n_prompts: int | None = None,
@@ -105,27 +71,9 @@ def _read_prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def default_reference(policy_path: str) -> str:
-    """The reference a run trained against: its model.archive (e.g. the SFT policy.pt), else its
-    base model. Needs the run's config.yaml (the checkpoint dir's parent)."""
-    ref = resolve_checkpoint(policy_path)
-    if ref.archive is None:
-        raise ValueError(f"{policy_path!r} is not a run checkpoint, so its reference is unknown: "
-                         "name it (--reference PATH)")
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(ref.archive))), "config.yaml"))
-    return OmegaConf.select(cfg, "model.archive") or OmegaConf.select(cfg, "model.name_or_path")
-
-
 def output_path(policy_path: str, gold: str, seed: int) -> str:
     """The JSON goes next to the checkpoint: into its checkpoint / model dir."""
-    target = policy_path if os.path.isdir(policy_path) else os.path.dirname(
-        os.path.abspath(policy_path))
-    if not os.path.isdir(target):
-        raise ValueError(f"{policy_path!r} is not a local checkpoint: give an output path (--out)")
-    if os.path.isfile(os.path.join(target, "LATEST", "policy.pt")):  # a run dir
-        target = os.path.join(target, "LATEST")
-    return os.path.join(target, f"eval_{gold}_seed{seed}.json")
+    return checkpoint_output_path(policy_path, f"eval_{gold}_seed{seed}.json")
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -155,12 +103,8 @@ def policy_prompt_suffix(policy_path: str, option: str = "auto",
     archive = resolve_checkpoint(policy_path, base_model).archive
     if archive is None:  # a Hugging Face dir or hub id: no training config to read
         return ""
-    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(archive))),
-                              "config.yaml")
-    if not os.path.exists(run_config):
-        return ""
-    from harness.objectives import sampling_prompt_suffix
-    return sampling_prompt_suffix(OmegaConf.load(run_config))
+    cfg = run_config(archive)
+    return sampling_prompt_suffix(cfg) if cfg is not None else ""
 
 
 def _check_same_tokenizer(tok_a, tok_b):

@@ -1,33 +1,52 @@
-"""Pairwise judged win rates: combine the two presentation orders, count ties, 95% interval.
+"""Statistics the evaluations report: the 95% z-value, mean +- interval, per-prompt win
+scores, sequence-level KL from samples, and judged win rates.
 
-A judgment is a preference in the AlpacaEval convention: 1 = output_1 is better, 2 = output_2
-is better, values in between are soft (weighted) preferences, 1.5 is a tie and None a failed
-item. `combine_orders` turns the two orders of one pair into one preference; `win_rate` reads
-a list of preferences as "how often output_2 beats output_1".
+Intervals are normal approximations, mean +- Z_95 * sd / sqrt(n), with the sample standard
+deviation (n - 1). A judged preference follows the AlpacaEval convention: 1 = output_1 is
+better, 2 = output_2 is better, values in between are soft (weighted) preferences, 1.5 is a tie
+and None a failed item; `win_rate` reads a list of them as "how often output_2 beats output_1".
 """
 
 import math
 from dataclasses import asdict, dataclass
 
-Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+import torch
+
+Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 
 
-def combine_orders(p_first: float, p_swapped: float) -> tuple[float, bool]:
-    """(preference in [1, 2], disagreed) from two judgments of the same pair.
+# ------------------------------------------------------------------------- statistics
+def mean_ci(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% normal interval); the half-width is NaN for one value."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        raise ValueError("no values to average")
+    if x.numel() == 1:
+        return x.item(), math.nan
+    return x.mean().item(), Z_95 * x.std(correction=1).item() / math.sqrt(x.numel())
 
-    p_first: P(output_2 is better) as judged with output_1 shown first.
-    p_swapped: the same probability judged with the outputs shown in swapped order, already
-        mapped back to output_2's side.
-    Position bias shows as the two orders picking different winners: such a pair is a tie
-    (1.5) and flagged, never resolved in favour of either order. Otherwise the preference is
-    1 + the mean of the two probabilities (a hard verdict gives exactly 1 or 2).
-    """
-    for p in (p_first, p_swapped):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"a judged probability must be in [0, 1], got {p}")
-    if (p_first - 0.5) * (p_swapped - 0.5) < 0:
-        return 1.5, True
-    return 1.0 + (p_first + p_swapped) / 2, False
+
+def win_scores(policy_rewards, reference_rewards) -> torch.Tensor:
+    """Per prompt: 1 if the policy's reward is higher, 0.5 on a tie, 0 if lower."""
+    p = torch.as_tensor(policy_rewards, dtype=torch.float64)
+    r = torch.as_tensor(reference_rewards, dtype=torch.float64)
+    if p.shape != r.shape:
+        raise ValueError(f"{p.numel()} policy rewards but {r.numel()} reference rewards")
+    return (p > r).double() + 0.5 * (p == r).double()
+
+
+def sequence_kl(policy_logps, reference_logps) -> torch.Tensor:
+    """Per-sequence log-ratios log pi(y|x) - log ref(y|x) of samples y ~ pi: their mean is the
+    Monte Carlo estimate of KL(pi || ref). Inputs: summed log-probs [n] (or per-token [n, T]
+    with padding already 0, which sums to the same)."""
+    p = torch.as_tensor(policy_logps, dtype=torch.float64)
+    r = torch.as_tensor(reference_logps, dtype=torch.float64)
+    if p.shape != r.shape:
+        raise ValueError(f"policy log-probs {tuple(p.shape)} vs reference {tuple(r.shape)}")
+    diff = p - r
+    return diff.sum(-1) if diff.dim() > 1 else diff
+
+
 
 
 @dataclass(frozen=True)
@@ -77,4 +96,4 @@ def win_rate(preferences) -> WinRate:
         return WinRate(n, wins, losses, n - wins - losses, failed, mean, 0.0, 1.0, math.nan)
     se = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
     return WinRate(n, wins, losses, n - wins - losses, failed, mean,
-                   max(0.0, mean - Z95 * se), min(1.0, mean + Z95 * se), se)
+                   max(0.0, mean - Z_95 * se), min(1.0, mean + Z_95 * se), se)

@@ -1,7 +1,7 @@
 """Judges that label a pair (instruction, output_1, output_2) with a preference in [1, 2].
 
     judge = make_judge("llm", args)          # any OpenAI-compatible endpoint, both orders
-    judge = make_judge("gold:toy", args)     # a registered gold reward (harness.data.toy_task)
+    judge = make_judge("gold:toy", args)     # a registered gold reward (harness.data.gold)
     judge = make_judge("reward_model:RUN", args)  # a loss=reward checkpoint (harness.models.reward_model)
 
 A judge splits a pair into independent units of work (`units`: the two presentation orders
@@ -12,18 +12,19 @@ records, so a killed run redoes at most the units in flight. New judges register
 @register_judge(NAME); `--judge NAME:ARG` passes ARG to the factory.
 """
 
-import hashlib
 import json
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.feedback.openai_client import RetryableError, choice_of, usage_of
 from harness import registry
-from harness.evaluation.stats import combine_orders
+from harness.checkpoints import REPO_ROOT
+from harness.data.dialogue import human_prompt
+from harness.data.gold import get_gold_reward
+from harness.feedback.openai_client import RetryableError, choice_of, usage_of
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge_templates"
+TEMPLATE_DIR = REPO_ROOT / "assets" / "judge_templates"
 PLACEHOLDERS = ("{instruction}", "{output_a}", "{output_b}")
 JUDGES = {}
 
@@ -38,14 +39,6 @@ def make_judge(spec: str, args):
         raise ValueError(f"unknown judge {spec!r}; registered judges: {sorted(JUDGES)} "
                          "(use e.g. --judge llm or --judge gold:toy)")
     return JUDGES[name](arg or None, args)
-
-
-def fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def pair_id(instruction: str, output_1: str, output_2: str) -> str:
-    return fingerprint({"i": instruction, "1": output_1, "2": output_2})
 
 
 # ---------------------------------------------------------------- prompt templates
@@ -146,6 +139,24 @@ def verdict_from_logprobs(choice: dict, answers: tuple[str, str]) -> float:
 
 # ---------------------------------------------------------------- judges
 
+def combine_orders(p_first: float, p_swapped: float) -> tuple[float, bool]:
+    """(preference in [1, 2], disagreed) from two judgments of the same pair.
+
+    p_first: P(output_2 is better) as judged with output_1 shown first.
+    p_swapped: the same probability judged with the outputs shown in swapped order, already
+        mapped back to output_2's side.
+    Position bias shows as the two orders picking different winners: such a pair is a tie
+    (1.5) and flagged, never resolved in favour of either order. Otherwise the preference is
+    1 + the mean of the two probabilities (a hard verdict gives exactly 1 or 2).
+    """
+    for p in (p_first, p_swapped):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"a judged probability must be in [0, 1], got {p}")
+    if (p_first - 0.5) * (p_swapped - 0.5) < 0:
+        return 1.5, True
+    return 1.0 + (p_first + p_swapped) / 2, False
+
+
 ORDERS = ("ab", "ba")  # ab: output_1 shown as A; ba: swapped
 
 
@@ -211,8 +222,8 @@ class ScoreJudge:
         raise NotImplementedError
 
     def judge_unit(self, pair: dict, unit: str, on_retry=None) -> dict:
-        from harness.data.sources import _human_prompt  # the prompt the prefs loader trains on
-        r1, r2 = self.scores(_human_prompt(pair["instruction"]),
+        # the prompt the prefs loader trains on
+        r1, r2 = self.scores(human_prompt(pair["instruction"]),
                              [" " + pair["output_1"], " " + pair["output_2"]])
         p = 1.0 if r2 > r1 else 0.0 if r1 > r2 else 0.5
         return {"p_output_2": p, "score_1": r1, "score_2": r2, "prompt_tokens": 0,
@@ -224,10 +235,9 @@ class ScoreJudge:
 
 @register_judge("gold")
 class GoldJudge(ScoreJudge):
-    """A registered gold reward (harness.data.toy_task.get_gold_reward), e.g. --judge gold:toy."""
+    """A registered gold reward (harness.data.gold), e.g. --judge gold:toy."""
 
     def __init__(self, arg, args):
-        from harness.data.toy_task import get_gold_reward
         self.reward = get_gold_reward(arg or "toy")
         self.name = f"gold:{arg or 'toy'}"
         self.config = {"judge": self.name}

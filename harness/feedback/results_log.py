@@ -11,6 +11,7 @@ any moment (SIGKILL included) keeps every line it finished. Reopening the file:
     supersedes its failed record without rewriting history.
 """
 
+import hashlib
 import json
 import os
 import threading
@@ -19,6 +20,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from tqdm import tqdm
 
 FAILED = "failed"
+
+
+def fingerprint(config: dict) -> str:
+    """A short stable hash of a JSON-able configuration: which experiment a results line
+    belongs to."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 class ResultsLog:

@@ -12,20 +12,13 @@ too, as one sample per instruction.
 import json
 import os
 
-from harness.feedback.judges import pair_id
+from harness.data.dialogue import human_prompt, instruction_of
 from harness.data.sources import read_json
-
-HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
-
-
-def instruction_of(prompt: str) -> str:
-    if prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT):
-        return prompt[len(HUMAN):-len(ASSISTANT)]
-    return prompt  # a free-form prompt: the instruction is all of it
+from harness.feedback.results_log import fingerprint
 
 
-def prompt_of(instruction: str) -> str:
-    return HUMAN + instruction + ASSISTANT
+def pair_id(instruction: str, output_1: str, output_2: str) -> str:
+    return fingerprint({"i": instruction, "1": output_1, "2": output_2})
 
 
 def strip_output(text: str) -> str:
@@ -118,11 +111,11 @@ def load_prompt_set(spec: str, split: str = "test") -> list[str]:
         prompts = []
         for i, row in enumerate(rows):
             if isinstance(row, str):
-                prompts.append(prompt_of(row))
+                prompts.append(human_prompt(row))
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
                 prompts.append(row["prompt"])
             elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
-                prompts.append(prompt_of(row["instruction"]))
+                prompts.append(human_prompt(row["instruction"]))
             else:
                 raise ValueError(f"{spec}: row {i} has neither a 'prompt' nor an 'instruction' "
                                  "string")

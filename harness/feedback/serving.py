@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.data.dialogue import human_prompt, messages_prompt
+
 MAX_N, MAX_TOP_LOGPROBS, MAX_STOP = 16, 20, 4
 UNSUPPORTED = {"stream": False, "best_of": 1, "presence_penalty": 0,
                "frequency_penalty": 0, "logit_bias": None, "suffix": None}
@@ -118,14 +120,6 @@ def parse_prompts(body: dict) -> list[str]:
     return prompts
 
 
-def dialogue_prompt(messages: list[dict]) -> str:
-    """The harness's own dialogue format, for tokenizers without a chat template."""
-    system = "".join(m["content"] for m in messages if m["role"] == "system")
-    turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
-                    for m in messages if m["role"] != "system")
-    return system + turns + "\n\nAssistant:"
-
-
 # ---------------------------------------------------------------- backends
 
 def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
@@ -149,7 +143,7 @@ class ModelBackend:
     def chat_prompt(self, messages):
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return dialogue_prompt(messages)
+        return messages_prompt(messages)
 
     def check_length(self, prompts, params: Params):
         for i, p in enumerate(prompts):
@@ -233,7 +227,7 @@ class ScriptedJudge:
         if parts is None:
             return {"text": "I cannot tell which is better.", "finish_reason": "stop", **usage,
                     "logprobs": [{"token": "I", "logprob": 0.0, "top_logprobs": []}]}
-        request = "\n\nHuman: " + parts["instruction"] + "\n\nAssistant:"
+        request = human_prompt(parts["instruction"])
         r_a, r_b = (self.reward(request, " " + parts[k]) for k in ("output_a", "output_b"))
         z = max(-50.0, min(50.0, (r_b - r_a) / self.temperature))
         p_b = 1 / (1 + math.exp(-z))

@@ -1,16 +1,12 @@
-"""Inference on any causal LM checkpoint: load it, sample completions, score completions.
+"""Inference on any causal LM: sample completions, score completions.
 
-    model, tok = load_checkpoint("RUN/LATEST/policy.pt")       # base model read from RUN/config.yaml
-    model, tok = load_checkpoint("RUN/LATEST/policy.pt", base_model="assets/tiny_model")
-    model, tok = load_checkpoint("/models/my-hf-dir")           # a Hugging Face model dir (or hub id)
+    model, tok = load_checkpoint("RUN/LATEST/policy.pt")       # harness.models.modeling
     samples = sample(model, tok, prompts, SamplingConfig(seed=0, max_new_tokens=64))
     logps, n_tokens = completion_logps(model, tok, samples)     # summed log-probs, [n] each
     per_token = completion_token_logps(model, tok, samples)     # list of [n_tokens_i] tensors
     samples = encode_completions(tok, prompts, completions)     # score given text instead
 
-A checkpoint is a reference-format `policy.pt` ({"step_idx", "state", "metrics"}) whose `state`
-is loaded into the base model named by a model dir, a checkpoint dir holding one, a run dir
-(its LATEST), or a Hugging Face model dir. Prompts are encoded as in training (no BOS, no
+Prompts are encoded as in training (no BOS, no
 truncation); a completion is the generated tokens up to and including the first EOS, which is
 exactly what training scores (responses end with EOS), so log-probs of samples and of training
 responses mean the same thing.
@@ -23,25 +19,14 @@ integer per prompt) each sample depends only on (seed, its key, its prompt): the
 batch size and on whichever rank draws it (KeyedSampling; PPO's rollouts).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import LogitsProcessor
 
-from harness.models.modeling import (_chunk_logps, _uses_plain_head, load_archive, load_model,
-                              load_tokenizer, pad_id, resolve_path, sequence_logps)
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """Where a checkpoint's pieces live: the model dir (architecture and, without an archive,
-    the weights), an optional policy.pt whose `state` replaces the weights, and the tokenizer."""
-    model: str
-    archive: str | None
-    tokenizer: str
+from harness.data.tokens import pad, pad_id, pad_with_mask
+from harness.models.modeling import labelled_token_logps, sequence_logps
 
 
 @dataclass(frozen=True)
@@ -72,77 +57,6 @@ class Sample:
     finished: bool                   # ended with EOS (False: cut at max_new_tokens)
 
 
-def _run_config_model(run_dir: str) -> tuple[str | None, str | None]:
-    """(model.name_or_path, model.tokenizer_name_or_path) from a run dir's config.yaml, if any."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        return None, None
-    cfg = OmegaConf.load(path)
-    return (OmegaConf.select(cfg, "model.name_or_path"),
-            OmegaConf.select(cfg, "model.tokenizer_name_or_path"))
-
-
-def resolve_checkpoint(path: str, base_model: str | None = None,
-                       tokenizer: str | None = None) -> CheckpointRef:
-    """Find the model dir, archive and tokenizer of `path`.
-
-    `path` may be a policy.pt, a checkpoint dir (step-N/, LATEST/) holding one, a run dir (its
-    LATEST/policy.pt is used), a Hugging Face model dir, or a hub id. For a policy.pt the base
-    model is `base_model` if given, else model.name_or_path of the run's config.yaml (the
-    checkpoint dir's parent)."""
-    archive = None
-    if os.path.isdir(path):
-        for candidate in (os.path.join(path, "policy.pt"),
-                          os.path.join(path, "LATEST", "policy.pt")):
-            if os.path.isfile(candidate):
-                archive = candidate
-                break
-        if archive is None and not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"checkpoint {path!r} holds neither policy.pt, LATEST/policy.pt "
-                                    "nor a Hugging Face config.json")
-    elif os.path.isfile(path):
-        archive = path
-    elif path.endswith(".pt"):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if archive is None:  # a Hugging Face model dir or hub id
-        return CheckpointRef(path, None, tokenizer or path)
-    run_model, run_tokenizer = _run_config_model(os.path.dirname(os.path.dirname(
-        os.path.abspath(archive))))
-    model = base_model or run_model
-    if model is None:
-        raise ValueError(f"checkpoint {archive!r} is a policy.pt without a run config.yaml next to "
-                         "its checkpoint dir: name its base model (e.g. --base-model "
-                         "assets/tiny_model)")
-    return CheckpointRef(resolve_path(model), archive,
-                         resolve_path(tokenizer or (None if base_model else run_tokenizer) or model))
-
-
-def check_tokenizer_fits(model, tokenizer, where: str = "model"):
-    """A tokenizer with ids beyond the model's embedding table belongs to another model."""
-    n_embed = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > n_embed:
-        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model embeds "
-                         f"only {n_embed}; they do not belong together (pass the model's own "
-                         "tokenizer)")
-
-
-def load_checkpoint(path: str, base_model: str | None = None, tokenizer: str | None = None,
-                    dtype: str = "float32", device: str | torch.device = "cpu"):
-    """(model in eval mode on `device`, tokenizer) for any checkpoint `resolve_checkpoint` takes."""
-    ref = resolve_checkpoint(path, base_model, tokenizer)
-    model = load_model(ref.model, dtype)
-    if ref.archive:
-        try:
-            load_archive(model, ref.archive)
-        except RuntimeError as e:  # size mismatches: load_state_dict raises even when not strict
-            raise ValueError(f"checkpoint {ref.archive!r} does not fit the base model "
-                             f"{ref.model!r}: {str(e).splitlines()[-1].strip()} (name the "
-                             "model it was trained from)") from e
-    tok = load_tokenizer(ref.tokenizer)
-    check_tokenizer_fits(model, tok, f"checkpoint {path!r} with tokenizer {ref.tokenizer!r}")
-    return model.to(device).eval(), tok
-
-
 def eos_ids(model, tokenizer) -> set[int]:
     """Every token id that ends a completion (the tokenizer's EOS and the model's own)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -151,17 +65,6 @@ def eos_ids(model, tokenizer) -> set[int]:
     if not ids:
         raise ValueError("neither the tokenizer nor the model defines an EOS token")
     return ids
-
-
-def _left_pad(seqs, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _check_sampling(prompts, cfg: SamplingConfig):
@@ -261,12 +164,12 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
         raise ValueError(f"keyed sampling needs one key per prompt ({len(keys)} keys, "
                          f"{len(prompts)} prompts), temperature > 0 and top_p = 1")
     device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
+    pad_token = pad_id(tokenizer)
     stop = eos_ids(model, tokenizer)
     greedy = cfg.temperature == 0 or keys is not None  # keyed: greedy on Gumbel-perturbed scores
     gen_cfg = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
-        do_sample=not greedy, pad_token_id=pad, eos_token_id=sorted(stop),
+        do_sample=not greedy, pad_token_id=pad_token, eos_token_id=sorted(stop),
         cache_implementation="static" if cfg.static_cache else None, **({} if greedy else dict(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -277,7 +180,8 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for index, rows in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-            ids, mask = _left_pad([encoded[i] for i in rows], pad, device)
+            ids, mask = (t.to(device) for t in pad_with_mask(
+                [encoded[i] for i in rows], pad_token, left=True))
             torch.manual_seed(cfg.seed + index)
             keyed = LogitsProcessorList([KeyedSampling(
                 cfg.seed, [keys[i] for i in rows], cfg.temperature, ids.shape[1])]
@@ -320,19 +224,12 @@ def encode_completions(tokenizer, prompts: list[str], completions: list[str],
             for p, c in zip(prompts, completions)]
 
 
-def _scoring_batches(samples: list[Sample], pad: int, batch_size: int, device):
+def _scoring_batches(samples: list[Sample], pad_token: int, batch_size: int, device):
     """Right-padded (input_ids, attention_mask, labels) with labels only on completion tokens."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(chunk):
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            ids[row, :p + c] = torch.tensor(s.prompt_ids + s.completion_ids)
-            labels[row, p:p + c] = torch.tensor(s.completion_ids, dtype=torch.long)
-            mask[row, :p + c] = 1
+        ids, mask = pad_with_mask([s.prompt_ids + s.completion_ids for s in chunk], pad_token)
+        labels = pad([[-100] * len(s.prompt_ids) + list(s.completion_ids) for s in chunk], -100)
         yield ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -345,9 +242,8 @@ def completion_logps(model, tokenizer, samples: list[Sample], batch_size: int = 
     if not samples:
         raise ValueError("no samples to score")
     device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
     logps, counts = [], []
-    batches = _scoring_batches(samples, pad, batch_size, device)
+    batches = _scoring_batches(samples, pad_id(tokenizer), batch_size, device)
     for ids, mask, labels in tqdm(batches, total=-(-len(samples) // batch_size), desc=desc,
                                   disable=not progress, leave=False):
         lp, n = sequence_logps(model, ids, mask, labels, chunk_size)
@@ -365,19 +261,8 @@ def completion_token_logps(model, tokenizer, samples: list[Sample], batch_size: 
     if not samples:
         raise ValueError("no samples to score")
     device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
     out = []
-    for ids, mask, labels in _scoring_batches(samples, pad, batch_size, device):
-        targets = labels[:, 1:]
-        keep = targets != -100
-        if _uses_plain_head(model):
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows, head = hidden[:, :-1][keep], model.get_output_embeddings()
-            row_logps = torch.cat([_chunk_logps(rows[i:i + chunk_size], head.weight, head.bias,
-                                                targets[keep][i:i + chunk_size])
-                                   for i in range(0, max(rows.shape[0], 1), chunk_size)])
-        else:  # softcapped / scaled heads: their own forward gives the true logits
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            row_logps = logits.log_softmax(-1)[keep].gather(-1, targets[keep][:, None])[:, 0]
-        out.extend(row_logps.cpu().split(keep.sum(-1).tolist()))
+    for ids, mask, labels in _scoring_batches(samples, pad_id(tokenizer), batch_size, device):
+        row_logps, _ = labelled_token_logps(model, ids, mask, labels, chunk_size)
+        out.extend(row_logps.cpu().split((labels[:, 1:] != -100).sum(-1).tolist()))
     return list(out)

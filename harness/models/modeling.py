@@ -1,23 +1,12 @@
 """Model and tokenizer loading, and per-sequence log-probs without full [tokens, vocab] logits."""
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_path(name_or_path: str) -> str:
-    """A relative path that exists under the repo root (e.g. assets/tiny_model) works from any cwd;
-    anything else (a hub id, an absolute path) is returned unchanged."""
-    if name_or_path and not os.path.isabs(name_or_path) and not os.path.exists(name_or_path):
-        candidate = REPO_ROOT / name_or_path
-        if candidate.exists():
-            return str(candidate)
-    return name_or_path
+from harness.checkpoints import resolve_checkpoint, resolve_path
 
 
 def _looks_local(path: str) -> bool:
@@ -42,11 +31,6 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token_id is None:  # reference behaviour: pad with EOS when no pad exists
         tokenizer.pad_token_id = tokenizer.eos_token_id
     return tokenizer
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad token, or its EOS where it has none (what load_tokenizer sets)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None,
@@ -84,28 +68,53 @@ def load_archive(model, archive: str) -> int:
     return ckpt.get("step_idx", 0)
 
 
+def check_tokenizer_fits(model, tokenizer, where: str = "model"):
+    """A tokenizer with ids beyond the model's embedding table belongs to another model."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model embeds "
+                         f"only {n_embed}; they do not belong together (pass the model's own "
+                         "tokenizer)")
+
+
+def load_checkpoint(path: str, base_model: str | None = None, tokenizer: str | None = None,
+                    dtype: str = "float32", device: str | torch.device = "cpu"):
+    """(model in eval mode on `device`, tokenizer) for any checkpoint `resolve_checkpoint` takes."""
+    ref = resolve_checkpoint(path, base_model, tokenizer)
+    model = load_model(ref.model, dtype)
+    if ref.archive:
+        try:
+            load_archive(model, ref.archive)
+        except RuntimeError as e:  # size mismatches: load_state_dict raises even when not strict
+            raise ValueError(f"checkpoint {ref.archive!r} does not fit the base model "
+                             f"{ref.model!r}: {str(e).splitlines()[-1].strip()} (name the "
+                             "model it was trained from)") from e
+    tok = load_tokenizer(ref.tokenizer)
+    check_tokenizer_fits(model, tok, f"checkpoint {path!r} with tokenizer {ref.tokenizer!r}")
+    return model.to(device).eval(), tok
+
+
 def _chunk_logps(hidden, weight, bias, targets):
     """log p(target) for rows of hidden states; logits exist only for this chunk, in fp32."""
     logits = F.linear(hidden, weight, bias).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _uses_plain_head(model) -> bool:
+def uses_plain_head(model) -> bool:
     """Models whose logits are exactly lm_head(last hidden state); others use their own forward."""
     cfg = model.config
     return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
                 or getattr(cfg, "logits_scaling", None))
 
 
-def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size):
-    """Sum log p(target) per output sequence, from the hidden states that predict each target.
+def head_logps(model, hidden_rows, targets, chunk_size: int, out_device) -> torch.Tensor:
+    """log p(target) [n] float32 for rows of hidden states that predict each target.
 
     Only these rows go through the output head, `chunk_size` at a time, each chunk recomputed in
     backward (activation checkpointing), so peak memory holds one fp32 [chunk, vocab] block
     instead of [batch, seq, vocab]: 128k-vocabulary models fit."""
     head = model.get_output_embeddings()
     # with a layer split over GPUs (device_map) the last block and the head may sit elsewhere
-    out_device = sequence.device
     hidden_rows, targets = hidden_rows.to(head.weight.device), targets.to(head.weight.device)
     pieces = []
     for start in range(0, hidden_rows.shape[0], chunk_size):
@@ -114,11 +123,30 @@ def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size
         pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False)
                       if torch.is_grad_enabled() else _chunk_logps(*args))
     row_logps = torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
-    row_logps = row_logps.to(out_device)
-    logps = torch.zeros(n_sequences, dtype=torch.float32, device=out_device)
-    counts = torch.zeros(n_sequences, dtype=torch.long, device=out_device)
+    return row_logps.to(out_device)
+
+
+def _scored_logps(model, hidden_rows, targets, sequence, n_sequences, chunk_size):
+    """Sum log p(target) per output sequence (`sequence`: the sequence of each row)."""
+    row_logps = head_logps(model, hidden_rows, targets, chunk_size, sequence.device)
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=sequence.device)
+    counts = torch.zeros(n_sequences, dtype=torch.long, device=sequence.device)
     return (logps.index_add(0, sequence, row_logps),
             counts.index_add(0, sequence, torch.ones_like(sequence)))
+
+
+def labelled_token_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4096):
+    """log p of every labelled token (labels != -100), row by row: ([n] float32, row of each).
+    Softcapped / scaled heads take their own forward, which gives the true logits."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    rows = mask.nonzero()[:, 0]
+    if not uses_plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        return logits[mask].log_softmax(-1).gather(-1, targets[mask][:, None])[:, 0], rows
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head_logps(model, hidden[:, :-1][mask.to(hidden.device)], targets[mask], chunk_size,
+                      rows.device), rows
 
 
 def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4096):
@@ -128,7 +156,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size: int = 4
         (prompt, padding). Token t+1 is predicted from position t.
     Returns: (logps [batch] float32, n_tokens [batch]).
     """
-    if not _uses_plain_head(model):
+    if not uses_plain_head(model):
         return plain_sequence_logps(model, input_ids, attention_mask, labels)
     targets = labels[:, 1:]
     mask = targets != -100
@@ -143,7 +171,7 @@ def packed_sequence_logps(model, packed, chunk_size: int = 4096):
     from harness.data.packing import attention_mask
     mask = attention_mask(packed, model.config._attn_implementation, model.dtype)
     kwargs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
-    if not _uses_plain_head(model):
+    if not uses_plain_head(model):
         logits = model(**kwargs).logits.float().flatten(0, 1)[packed.source]
         token_logps = logits.log_softmax(-1).gather(-1, packed.target[:, None])[:, 0]
         zeros = torch.zeros(packed.n_sequences, device=logits.device)

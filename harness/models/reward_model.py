@@ -1,11 +1,8 @@
-"""Reward models: a scalar (or binned) head on any causal LM backbone, `loss=reward`.
-
-    python train.py loss=reward model.archive=SFT_RUN/LATEST/policy.pt
+"""Reward models: a scalar (or binned) head on any causal LM backbone (trained by `loss=reward`,
+harness/objectives/reward.py).
 
 The head reads the backbone's hidden state at the last non-pad token of prompt + response (the
-EOS that ends the response), never an average over padding. Training is Bradley-Terry on
-preference pairs through the offline loop; evaluation reports pairwise accuracy
-(`rewards_eval/accuracies`). Every checkpoint dir also holds
+EOS that ends the response), never an average over padding. Every checkpoint dir also holds
 
     reward_model.json   head kind, reward mean / std on the held-out pairs (for PPO to
                         normalise), held-out accuracy, tokenizer fingerprint
@@ -19,18 +16,16 @@ and loads back with `load_reward_model(path)` (PPO's reward and critic) or `Rewa
 import hashlib
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import losses
-from harness.checkpoints import LATEST, atomic_write_text
-from harness.models.modeling import check_model_source, last_token_index, position_ids
-from harness.objectives import LossSpec, register_loss
-
-META_FILE, MODEL_DIR = "reward_model.json", "reward_model"
+from harness.checkpoints import REWARD_META, REWARD_MODEL_DIR, reward_checkpoint_dir
+from harness.data.gold import GOLD_REWARDS, register_gold_reward
+from harness.data.tokens import pad_with_mask
+from harness.models.modeling import check_model_source, last_token_index, load_tokenizer, position_ids
 
 
 # ------------------------------------------------------------------------------ the model
@@ -121,86 +116,6 @@ def build_reward_model(name_or_path: str, dtype: str, n_bins: int = 0, archive: 
     return model
 
 
-# ----------------------------------------------------------------------- loss=reward
-@dataclass
-class RewardOptions:
-    """The loss.* options of loss=reward (config/loss/reward.yaml documents each)."""
-    margin: float = 0.0
-    center_coef: float = 0.0
-    n_bins: int = 0
-    rating_source: str | None = None
-    rating_range: list = field(default_factory=lambda: [-1.0, 1.0])
-
-    def __post_init__(self):
-        if self.n_bins < 0 or self.n_bins == 1:
-            raise ValueError(f"loss.n_bins={self.n_bins}: use 0 (scalar head) or K >= 2 (binned)")
-        if self.n_bins and not self.rating_source:
-            raise ValueError("loss.n_bins > 0 needs absolute scores: set loss.rating_source to a "
-                             "registered scorer (e.g. toy) whose score is binned into 1..n_bins")
-        if self.rating_source:
-            check_scorer("loss.rating_source", self.rating_source)
-        if len(self.rating_range) != 2 or self.rating_range[0] >= self.rating_range[1]:
-            raise ValueError(f"loss.rating_range={list(self.rating_range)}: use [low, high]")
-
-
-def check_scorer(key: str, name: str):
-    """A registered gold scorer fn(prompt, response) -> float, or an error naming the key."""
-    from harness.data.toy_task import get_gold_reward
-    try:
-        return get_gold_reward(name)
-    except KeyError as e:
-        raise ValueError(f"{key}={name!r}: {e.args[0]}") from None
-
-
-def to_ratings(scores: list[float], n_bins: int, low: float, high: float) -> torch.Tensor:
-    """Absolute scores in [low, high] -> ratings 1..n_bins (equal-width bins, clamped)."""
-    frac = (torch.tensor(scores, dtype=torch.float64) - low) / (high - low)
-    return (frac * n_bins).floor().clamp(0, n_bins - 1).long() + 1
-
-
-def _pair_inputs(trainer, batch):
-    """[chosen; rejected] ids and masks padded to one length: one forward for both halves."""
-    from trainers import pad_to
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    pad = trainer.tokenizer.pad_token_id
-    ids = torch.cat([pad_to(batch[f"{k}_input_ids"], length, pad) for k in ("chosen", "rejected")])
-    mask = torch.cat([pad_to(batch[f"{k}_attention_mask"], length, 0)
-                      for k in ("chosen", "rejected")])
-    return ids.to(trainer.device), mask.to(trainer.device)
-
-
-def reward_step(trainer, batch, split: str):
-    """Bradley-Terry (scalar head) or rating cross-entropy (binned head) on one batch of pairs."""
-    opts = RewardOptions(**trainer.loss_kwargs)
-    head_out = trainer.policy.head_at_last_token(*_pair_inputs(trainer, batch))
-    rewards = trainer.policy.scalar(head_out)
-    half = len(batch["uid"])
-    chosen, rejected = rewards[:half], rewards[half:]
-    if opts.n_bins:
-        from harness.data.toy_task import get_gold_reward
-        score = get_gold_reward(opts.rating_source)
-        texts = batch["chosen_response_only"] + batch["rejected_response_only"]
-        ratings = to_ratings([score(p, t) for p, t in zip(batch["prompt"] * 2, texts)],
-                             opts.n_bins, *opts.rating_range).to(head_out.device)
-        per_response = losses.binned_rating_loss(head_out, ratings)
-        losses_ = (per_response[:half] + per_response[half:]) / 2
-    else:
-        losses_, _, _ = losses.bradley_terry_loss(chosen, rejected, opts.margin, opts.center_coef)
-    chosen, rejected = chosen.detach(), rejected.detach()
-    return losses_.mean(), {
-        f"rewards_{split}/chosen": chosen, f"rewards_{split}/rejected": rejected,
-        f"rewards_{split}/accuracies": (chosen > rejected).float(),
-        f"rewards_{split}/margins": chosen - rejected, f"loss/{split}": losses_}
-
-
-def load_policy(cfg, archive, device_map=None, meta: bool = False):
-    if cfg.trainer.name != "BasicTrainer":  # the sharded trainers wrap causal LMs only, for now
-        raise ValueError(f"loss=reward runs with trainer=BasicTrainer (got {cfg.trainer.name})")
-    opts = RewardOptions(**{k: v for k, v in cfg.loss.items() if k != "name"})
-    return build_reward_model(cfg.model.name_or_path, cfg.model.policy_dtype, opts.n_bins, archive,
-                              device_map)
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Same vocabulary and special tokens <=> same fingerprint."""
     data = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id,
@@ -208,73 +123,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
 
 
-@torch.no_grad()
-def heldout_reward_stats(trainer) -> dict:
-    """Mean and std of the rewards of every held-out response, and the pairwise accuracy."""
-    model = trainer.policy
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    for batch in trainer.eval_batches.epoch_batches(0):
-        rewards = model(*_pair_inputs(trainer, batch)).float().cpu()
-        chosen.append(rewards[:len(batch["uid"])])
-        rejected.append(rewards[len(batch["uid"]):])
-    model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    every = torch.cat([chosen, rejected])
-    return {"reward_mean": every.mean().item(), "reward_std": every.std().item(),
-            "heldout_accuracy": (chosen > rejected).float().mean().item(),
-            "n_heldout_pairs": len(chosen)}
-
-
-def write_checkpoint_files(trainer, tmp_dir):
-    """reward_model.json (+ held-out stats) and reward_model/ (backbone config, tokenizer)."""
-    model = trainer.policy
-    model.backbone.config.save_pretrained(tmp_dir / MODEL_DIR)
-    trainer.tokenizer.save_pretrained(tmp_dir / MODEL_DIR)
-    meta = {"n_bins": model.n_bins, "dtype": str(next(model.parameters()).dtype).split(".")[-1],
-            "base_model": trainer.cfg.model.name_or_path,
-            "tokenizer_fingerprint": tokenizer_fingerprint(trainer.tokenizer),
-            **heldout_reward_stats(trainer)}
-    atomic_write_text(tmp_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
-
-
-register_loss("reward", LossSpec(losses.bradley_terry_loss, paired=True, step=reward_step,
-                                 options=RewardOptions, load_policy=load_policy, samples=False,
-                                 checkpoint_files=write_checkpoint_files))
-
-
 # ------------------------------------------------------------------------- loading back
-def checkpoint_dir(path) -> Path:
-    """A run dir (-> LATEST), a checkpoint dir, or its policy.pt -> the checkpoint dir."""
-    path = Path(path)
-    if path.name == "policy.pt":
-        path = path.parent
-    if (path / LATEST).exists() and not (path / META_FILE).exists():
-        path = path / LATEST
-    if not (path / META_FILE).exists():
-        raise FileNotFoundError(
-            f"{path} is not a reward-model checkpoint ({META_FILE} missing). Train one with "
-            "`python train.py loss=reward model.archive=SFT_RUN/LATEST/policy.pt` and pass its "
-            "run dir or checkpoint dir")
-    return path
-
-
 def load_reward_model(path, dtype: str | None = None, on_meta: bool = False):
     """(RewardModel in eval mode, its tokenizer, meta dict) from a reward checkpoint.
     on_meta=True: the architecture only, on the meta device (ranks that get rank 0's weights)."""
     from transformers import AutoConfig, AutoModel
-    from harness.models.modeling import load_tokenizer
-    ckpt = checkpoint_dir(path)
-    meta = json.loads((ckpt / META_FILE).read_text())
-    config = AutoConfig.from_pretrained(ckpt / MODEL_DIR)
+    ckpt = reward_checkpoint_dir(path)
+    meta = json.loads((ckpt / REWARD_META).read_text())
+    config = AutoConfig.from_pretrained(ckpt / REWARD_MODEL_DIR)
     with torch.device("meta") if on_meta else nullcontext():
         backbone = AutoModel.from_config(config, dtype=getattr(torch, dtype or meta["dtype"]))
         model = RewardModel(backbone, meta["n_bins"])
     if not on_meta:
         state = torch.load(ckpt / "policy.pt", map_location="cpu", weights_only=True)["state"]
         model.load_state_dict(state)
-    tokenizer = load_tokenizer(str(ckpt / MODEL_DIR))
+    tokenizer = load_tokenizer(str(ckpt / REWARD_MODEL_DIR))
     return model.eval(), tokenizer, meta
 
 
@@ -301,7 +164,6 @@ class RewardFunction:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        from preference_datasets import _pad
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out = []
         for i in range(0, len(prompts), self.batch_size):
@@ -310,8 +172,7 @@ class RewardFunction:
                     + self.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
                     for p, c in zip(prompts[i:i + self.batch_size],
                                     completions[i:i + self.batch_size])]
-            ids = _pad(seqs, pad).to(self.device)
-            mask = _pad([[1] * len(s) for s in seqs], 0).to(self.device)
+            ids, mask = (t.to(self.device) for t in pad_with_mask(seqs, pad))
             out.extend(self.model(ids, mask).float().cpu().tolist())
         if self.normalize:
             out = [(r - self.meta["reward_mean"]) / self.meta["reward_std"] for r in out]
@@ -322,8 +183,7 @@ def register_reward_checkpoint(path, device: str = "cpu", normalize: bool = Fals
     """Make a reward checkpoint usable wherever a gold reward name is (evaluate.py --gold,
     judging): registers fn(prompt, completion) -> reward and returns its name, rm-<run>-<ckpt>."""
     import re
-    from harness.data.toy_task import GOLD_REWARDS, register_gold_reward
-    ckpt = checkpoint_dir(path).resolve()
+    ckpt = reward_checkpoint_dir(path).resolve()
     name = "rm-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ckpt.parent.name}-{ckpt.name}")
     if name not in GOLD_REWARDS:
         fn = RewardFunction(ckpt, device=device, normalize=normalize)

@@ -1,45 +1,47 @@
 """The loss table: `loss=NAME` picks a LossSpec here; the loop never branches on the name.
 
-A LossSpec says which pure function from losses.py computes the loss, what examples it trains on,
-and how one (micro-)batch turns into that loss: `step(trainer, batch, split)` returns the mean
-loss and per-example metric tensors named as in the reference code. A new objective registers
-its own spec (from its own module if it has one) and the loop, checkpoints and logging work
-unchanged.
+A LossSpec says what a loss trains on (pairs or single targets), which loss.* options it takes
+(a dataclass whose constructor checks their values), and how one (micro-)batch turns into the
+loss: `step(ctx, batch, split)` gets a small StepContext (the policy, a forward that gives
+log-probs, the reference log-probs, the options, ...), never the trainer, and returns the mean
+loss and per-example metric tensors named as in the reference code.
+
+The table imports none of its entries. Each loss registers its spec from its own module
+(`register_loss`), and the built-in ones are imported by name on first lookup (BUILTIN), as
+torchtitan's get_train_spec does: a new objective adds one module and one BUILTIN line, or
+registers itself from user code before train.run.
 """
 
-import inspect
-from dataclasses import dataclass
+import difflib
+import importlib
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 
-import losses
 from harness import registry
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    fn: Callable           # the pure loss function of losses.py
     paired: bool           # trains on (chosen, rejected) pairs rather than single SFT targets
-    step: Callable | None  # step(trainer, batch, split) -> (mean loss, {metric: [batch] tensor})
+    step: Callable | None  # step(ctx, batch, split) -> (mean loss, {metric: [batch] tensor})
+    # the loss.* options: a dataclass whose constructor checks their values (field = option)
+    options: type
     uses_reference: bool = False  # needs reference log-probs (unless loss.reference_free=true)
-    # a class whose constructor takes the loss.* options and checks their values (default: the
-    # options are fn's keyword parameters, checked by name only)
-    options: type | None = None
-    # load_policy(cfg, archive, device_map, meta) -> the model to train (default: the causal LM of model.*)
+    # load_policy(cfg, archive, device_map, meta) -> the model to train (default: the causal LM)
     load_policy: Callable | None = None
-    # {trainer name: loop class} used instead of trainer=...'s offline loop, same constructor
-    # (PPO's rollout loop, in one process or on sharded models)
-    trainer: dict | None = None
+    # the loop class that runs this loss instead of the offline loop (PPO's rollout loop)
+    loop: type | None = None
     # whether the offline loop may sample text from the policy at evaluation (not a reward model)
     samples: bool = True
-    # checkpoint_files(trainer, tmp_dir): extra files written into every checkpoint dir
+    # checkpoint_files(ctx, ckpt_dir, eval_batches, cfg): extra files in every checkpoint dir
     checkpoint_files: Callable | None = None
-    # loss.* keys read by the step / data hooks rather than by `fn` (so typos still fail)
-    extra_options: tuple[str, ...] = ()
     # data(cfg, tokenizer) -> ExampleFormat: how records become examples and tokens; None keeps
-    # the standard SFT targets / preference pairs (CoH builds hindsight chains instead)
+    # the standard SFT targets / preference pairs (CoH builds hindsight chains instead). The
+    # step sees the returned object as ctx.data (CoH: its settings and pretraining stream)
     data: Callable | None = None
     # check(cfg, world_size) raises on bad loss options before any model loads
     # (train.check_config; world_size: the number of ranks the run will have)
@@ -47,42 +49,78 @@ class LossSpec:
     # prompt_suffix(cfg) -> text appended to every prompt when sampling from a model trained
     # with this loss (CoH: its positive feedback phrase); None: prompts are used as they are
     prompt_suffix: Callable | None = None
+    # top-level options the offline loop reads that this step cannot honour (refused when set)
+    ignores: tuple[str, ...] = ()
+
+
+@dataclass
+class StepContext:
+    """What a loss step may use. Built once by the loop; `step` is updated before each step."""
+    policy: torch.nn.Module
+    # forward(model, batch) -> summed log-probs of the responses: (chosen, n_chosen) for single
+    # targets, (chosen, rejected, n_chosen, n_rejected) for pairs, with the run's autocast,
+    # packing / prefix sharing and sharded-head gathering applied
+    forward: Callable
+    # reference_logps(batch) -> (chosen, rejected) under the reference (cached or computed);
+    # None when the run is reference-free
+    reference_logps: Callable | None
+    options: object        # the loss's options dataclass
+    device: torch.device
+    tokenizer: object
+    autocast: Callable = nullcontext  # () -> the run's autocast context (amp_dtype)
+    data: object = None    # what spec.data returned (the loss's own state)
+    micro_batches: int = 1  # micro-batches per optimizer step (gradient_accumulation_steps)
+    step: int = 0          # optimizer steps taken so far
 
 
 LOSSES: dict[str, LossSpec] = {}
+# the built-in losses: name -> the module that registers it, imported on first lookup
+BUILTIN = {"sft": "harness.objectives.core", "dpo": "harness.objectives.core",
+           "ipo": "harness.objectives.core", "coh": "harness.objectives.coh",
+           "reward": "harness.objectives.reward", "ppo": "harness.rl.ppo"}
 
 
 def register_loss(name: str, spec: LossSpec) -> LossSpec:
     return registry.add(LOSSES, "loss", name, spec)
 
 
+def known_losses() -> list[str]:
+    return sorted(set(LOSSES) | set(BUILTIN))
+
+
 def get_loss_spec(name: str) -> LossSpec:
+    if name not in LOSSES and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     if name not in LOSSES:
-        raise ValueError(f"unknown loss={name!r}; choose one of {sorted(LOSSES)}")
+        raise ValueError(f"unknown loss={name!r}; choose one of {known_losses()}")
     return LOSSES[name]
 
 
-def loss_kwargs(loss_cfg) -> dict:
-    """The loss config minus its name and the spec's `extra_options`, checked by name against
-    the parameters of `spec.options` (a class that also checks values) or else of `spec.fn`."""
+def option_names(spec: LossSpec) -> list[str]:
+    return [f.name for f in fields(spec.options)]
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def loss_options(loss_cfg):
+    """The options object of loss_cfg (its name removed): unknown keys are refused with the real
+    options and a near match; the options class refuses bad values, naming the key."""
     spec = get_loss_spec(loss_cfg.name)
-    kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items()
-              if k != "name" and k not in spec.extra_options}
-    params = inspect.signature(spec.options or spec.fn).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        unknown = set(kwargs) - set(params)
-        if unknown:
-            known = (set(params) | set(spec.extra_options)) - {"policy_chosen_logps"}
-            raise ValueError(f"loss.{sorted(unknown)[0]} is not an option of loss={loss_cfg.name}"
-                             f" (options: {sorted(known)})")
-    if spec.options is not None:
-        spec.options(**kwargs)  # raises, naming the option, on a bad value
-    return kwargs
+    given = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items()
+             if k != "name"}
+    known = option_names(spec)
+    for key in sorted(set(given) - set(known)):
+        raise ValueError(f"loss.{key} is not an option of loss={loss_cfg.name}: "
+                         f"{did_you_mean(key, known)}its options are {', '.join(known)}")
+    return spec.options(**given)
 
 
 def load_policy(cfg, archive, device_map=None, meta: bool = False):
     """The model that `loss=` trains: the loss's own loader, or the causal LM of model.*.
-    device_map / meta place it as harness.models.modeling.load_model does (GPUs; ranks without weights)."""
+    device_map / meta place it as harness.models.modeling.load_model does."""
     spec = get_loss_spec(cfg.loss.name)
     if spec.load_policy is not None:
         return spec.load_policy(cfg, archive, device_map, meta)
@@ -102,39 +140,12 @@ def sampling_prompt_suffix(cfg) -> str:
     return spec.prompt_suffix(cfg) if spec.prompt_suffix else ""
 
 
-def sft_step(trainer, batch, split: str):
-    """Negative log-likelihood of the SFT targets."""
-    logps, n = trainer.forward(trainer.policy, batch)
-    losses_ = trainer.spec.fn(logps, n, **trainer.loss_kwargs)
-    return losses_.mean(), {f"loss/{split}": losses_, f"logps_{split}/chosen": logps}
-
-
-def preference_step(trainer, batch, split: str):
-    """A DPO-family loss of (policy, reference) log-probs of chosen and rejected responses."""
-    chosen, rejected, _, _ = trainer.forward(trainer.policy, batch)
-    if needs_reference(trainer.cfg.loss):
-        ref_chosen, ref_rejected = trainer.reference_logps(batch)
-    else:
-        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
-    losses_, r_chosen, r_rejected = trainer.spec.fn(chosen, rejected, ref_chosen, ref_rejected,
-                                                    **trainer.loss_kwargs)
-    return losses_.mean(), {
-        f"rewards_{split}/chosen": r_chosen, f"rewards_{split}/rejected": r_rejected,
-        f"rewards_{split}/accuracies": (r_chosen > r_rejected).float(),
-        f"rewards_{split}/margins": r_chosen - r_rejected,
-        f"logps_{split}/chosen": chosen, f"logps_{split}/rejected": rejected,
-        f"loss/{split}": losses_}
-
-
-register_loss("sft", LossSpec(losses.sft_loss, paired=False, step=sft_step))
-register_loss("dpo", LossSpec(losses.dpo_loss, paired=True, step=preference_step,
-                              uses_reference=True))
-register_loss("ipo", LossSpec(losses.ipo_loss, paired=True, step=preference_step,
-                              uses_reference=True))
-
-
-# Last, because these modules import LossSpec and register_loss from here: CoH, reward
-# modelling and PPO live in their own modules and register their specs on import.
-import harness.objectives.coh  # noqa: E402,F401
-import harness.models.reward_model  # noqa: E402,F401
-import harness.rl.ppo  # noqa: E402,F401
+def preference_metrics(split: str, losses_, chosen_rewards, rejected_rewards, chosen_logps=None,
+                       rejected_logps=None) -> dict:
+    """The reference code's metrics of a pairwise loss, per example."""
+    out = {f"rewards_{split}/chosen": chosen_rewards, f"rewards_{split}/rejected": rejected_rewards,
+           f"rewards_{split}/accuracies": (chosen_rewards > rejected_rewards).float(),
+           f"rewards_{split}/margins": chosen_rewards - rejected_rewards, f"loss/{split}": losses_}
+    if chosen_logps is not None:
+        out.update({f"logps_{split}/chosen": chosen_logps, f"logps_{split}/rejected": rejected_logps})
+    return out

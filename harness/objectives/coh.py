@@ -34,9 +34,10 @@ from omegaconf import OmegaConf
 
 import losses
 from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
-from harness.objectives import LossSpec, register_loss
-from harness.data.pretraining_mix import PretrainStream, _looks_like_path, read_documents
-from preference_datasets import _TRUNCATE, TRUNCATION_MODES, ExampleFormat, _token_ids
+from harness.objectives import LossSpec, StepContext, register_loss
+from harness.data.pretraining_mix import PretrainStream, looks_like_path, read_documents
+from harness.data.tokens import check_truncation_mode, token_ids, truncate
+from preference_datasets import ExampleFormat
 
 # which answer goes under which phrase of a (positive, negative) wording pair, in chain order
 ORDER_BLOCKS = {
@@ -47,10 +48,27 @@ ORDER_BLOCKS = {
 }
 CHAIN_ORDERS = (*ORDER_BLOCKS, "comparison")
 NO_PAIR, SFT_TARGET = "positive (no pair)", "positive (sft_mode)"
-# loss.* keys this module reads (pt_loss_weight goes to losses.coh_loss itself)
-OPTIONS = ("chain_weights", "feedback_set", "feedback_sets", "feedback_sets_file",
-           "inference_phrase", "sft_mode", "fcm_min", "fcm_max", "pt_data", "pt_text_field",
-           "pt_split", "pt_hub_config", "pt_max_documents", "pt_max_length")
+
+
+@dataclass(frozen=True)
+class CohOptions:
+    """The loss.* options of loss=coh (config/loss/coh.yaml documents each). Their values are
+    checked together by coh_settings (train.check_config, before any model loads)."""
+    chain_weights: dict
+    feedback_set: str = "dialogue"
+    feedback_sets: dict | None = None
+    feedback_sets_file: str | None = None
+    inference_phrase: str | None = None
+    sft_mode: bool = False
+    fcm_min: float = 0.0
+    fcm_max: float = 0.0
+    pt_data: str | None = None
+    pt_loss_weight: float = 0.0
+    pt_text_field: str = "text"
+    pt_split: str = "train"
+    pt_hub_config: str | None = None
+    pt_max_documents: int = 20000
+    pt_max_length: int | None = None
 
 Blocks = tuple[tuple[str, str], ...]  # ((feedback phrase, slot or answer text), ...)
 
@@ -164,7 +182,7 @@ def coh_settings(cfg) -> CohSettings:
     if loss.pt_loss_weight > 0 and not loss.pt_data:
         raise ValueError("loss.pt_loss_weight > 0 needs a pretraining corpus: set loss.pt_data "
                          "(a text file, a hub dataset id, or 'toy')")
-    if loss.pt_data and _looks_like_path(loss.pt_data) and not _exists(loss.pt_data):
+    if loss.pt_data and looks_like_path(loss.pt_data) and not _exists(loss.pt_data):
         raise FileNotFoundError(f"loss.pt_data={loss.pt_data!r}: no such file")
     if loss.pt_data and cfg.get("micro_batch_tokens"):
         raise ValueError("micro_batch_tokens with a pretraining mix (loss.pt_data) is not "
@@ -271,26 +289,25 @@ def tokenize_chain(chain: Chain, tokenizer, max_length: int, max_prompt_length: 
     prompt_input_ids is the prompt followed by the inference phrase: what sampling continues."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
-    if chain.truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"unknown truncation mode {chain.truncation_mode!r}")
-    eos, uid, cut = tokenizer.eos_token_id, chain.uid, _TRUNCATE[chain.truncation_mode]
-    full_prompt = _token_ids(tokenizer, chain.prompt, "prompt", uid)
-    blocks = [(_token_ids(tokenizer, phrase, "feedback phrase", uid) if phrase else [],
-               _token_ids(tokenizer, answer, "answer", uid) + [eos])
+    check_truncation_mode(chain.truncation_mode, f"chain {chain.uid}")
+    eos, uid = tokenizer.eos_token_id, chain.uid
+    full_prompt = token_ids(tokenizer, chain.prompt, "prompt", uid)
+    blocks = [(token_ids(tokenizer, phrase, "feedback phrase", uid) if phrase else [],
+               token_ids(tokenizer, answer, "answer", uid) + [eos])
               for phrase, answer in chain.blocks]
     prompt = full_prompt
     if len(prompt) + sum(len(p) + len(a) for p, a in blocks) > max_length:
-        prompt = cut(prompt, max_prompt_length)
+        prompt = truncate(prompt, chain.truncation_mode, max_prompt_length)
     ids, labels = list(prompt), [-100] * len(prompt)
     for phrase, answer in fit_blocks(blocks, max_length - len(prompt), uid):
         ids += phrase + answer
         labels += [-100] * len(phrase) + answer
-    phrase = _token_ids(tokenizer, chain.inference_phrase, "inference phrase", uid)
+    phrase = token_ids(tokenizer, chain.inference_phrase, "inference phrase", uid)
     if len(phrase) >= max_prompt_length:
         raise ValueError(f"loss.inference_phrase ({len(phrase)} tokens) does not fit in "
                          f"max_prompt_length={max_prompt_length}")
     context = full_prompt if len(full_prompt) + len(phrase) <= max_prompt_length else \
-        cut(full_prompt, max_prompt_length - len(phrase))
+        truncate(full_prompt, chain.truncation_mode, max_prompt_length - len(phrase))
     return {"prompt_input_ids": context + phrase, "prompt_length": len(prompt),
             "chosen_input_ids": ids, "chosen_labels": labels}
 
@@ -322,26 +339,25 @@ def coh_data(cfg, tokenizer) -> CohData:
                    settings, stream)
 
 
-def coh_step(trainer, batch, split: str):
+def coh_step(ctx: StepContext, batch, split: str):
     """Masked NLL of the chains (FCM in training), plus the weighted pretraining NLL."""
-    data, size = trainer.example_format, len(batch["uid"])
+    data, size = ctx.data, len(batch["uid"])
     metrics = {}
     if split == "train" and data.settings.fcm_max > 0:
-        mask = batch["chosen_attention_mask"].to(trainer.device)
-        dtype = next(trainer.policy.parameters()).dtype
+        mask = batch["chosen_attention_mask"].to(ctx.device)
+        dtype = next(ctx.policy.parameters()).dtype
         mask4d = fcm_attention_mask(mask, data.settings.fcm_min, data.settings.fcm_max, dtype)
         batch = {**batch, "chosen_attention_mask": mask4d}
         metrics["fcm/drop_rate"] = past_drop_fraction(mask4d, mask)
-    logps, n = trainer.forward(trainer.policy, batch)
+    logps, n = ctx.forward(ctx.policy, batch)
     pt_logps = pt_n = None
+    weight = ctx.options.pt_loss_weight
     if split == "train" and data.pt_stream is not None:
-        weight = trainer.loss_kwargs.get("pt_loss_weight", 0.0)
-        pt_batch = data.pt_stream.next_batch(trainer.state.steps,
-                                             trainer.cfg.gradient_accumulation_steps, size)
+        pt_batch = data.pt_stream.next_batch(ctx.step, ctx.micro_batches, size)
         # weight 0 monitors the pretraining loss without touching the gradients
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-            pt_logps, pt_n = trainer.forward(trainer.policy, pt_batch)
-    loss, chain_nll, pt_nll = trainer.spec.fn(logps, n, pt_logps, pt_n, **trainer.loss_kwargs)
+            pt_logps, pt_n = ctx.forward(ctx.policy, pt_batch)
+    loss, chain_nll, pt_nll = losses.coh_loss(logps, n, pt_logps, pt_n, weight)
     metrics.update({f"loss/{split}": loss.detach().expand(size),
                     f"loss/chain_{split}": chain_nll.detach().expand(size),
                     f"logps_{split}/chosen": logps.detach()})
@@ -351,6 +367,6 @@ def coh_step(trainer, batch, split: str):
 
 
 register_loss("coh", LossSpec(
-    losses.coh_loss, paired=False, step=coh_step, extra_options=OPTIONS, data=coh_data,
+    paired=False, step=coh_step, options=CohOptions, data=coh_data,
     check=lambda cfg, world_size: coh_settings(cfg),
     prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))

@@ -11,9 +11,34 @@ NCCL on GPU, gloo on CPU. A run in one process (BasicTrainer) never creates a pr
 
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TrainerLayout:
+    """How a `trainer=NAME` runs: in one process or several, with tensor parallelism or not.
+    (The loop itself is chosen by the loss; harness/training/strategy.py maps a layout to the
+    object the loop holds.)"""
+    processes: bool        # several ranks in a process group, models sharded over them
+    tensor_parallel: bool  # DTensor tensor parallelism in groups of trainer.tp_size ranks
+
+
+# THE table of trainer= names; nothing else compares trainer names
+TRAINERS = {
+    "BasicTrainer": TrainerLayout(processes=False, tensor_parallel=False),
+    "FSDPTrainer": TrainerLayout(processes=True, tensor_parallel=False),
+    "TensorParallelTrainer": TrainerLayout(processes=True, tensor_parallel=True),
+}
+
+
+def trainer_layout(cfg) -> TrainerLayout:
+    name = cfg.trainer.name
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer={name!r}; choose one of {sorted(TRAINERS)}")
+    return TRAINERS[name]
 
 
 def under_torchrun() -> bool:
@@ -22,7 +47,7 @@ def under_torchrun() -> bool:
 
 def processes_to_spawn(cfg) -> int:
     """How many local processes a plain `python train.py` should start (0: run in this one)."""
-    if under_torchrun() or cfg.trainer.name == "BasicTrainer":
+    if under_torchrun() or not trainer_layout(cfg).processes:
         return 0
     n = cfg.nproc_per_node or (torch.cuda.device_count() if torch.cuda.is_available() else 1)
     return n if n > 1 else 0
@@ -38,7 +63,7 @@ def planned_world_size(cfg) -> int:
 def tensor_parallel_size(cfg, world: int) -> int:
     """Ranks per tensor-parallel group: trainer.tp_size (null = all ranks) with
     trainer=TensorParallelTrainer, else 1. The data-parallel ranks are world // this."""
-    if cfg.trainer.name != "TensorParallelTrainer":
+    if not trainer_layout(cfg).tensor_parallel:
         return 1
     tp = cfg.trainer.get("tp_size") or world
     if world % tp:
@@ -71,7 +96,7 @@ def init(cfg) -> bool:
     """Join (or, for a lone process, create) the process group; True if this call created it."""
     if dist.is_initialized():
         return False
-    if cfg.trainer.name == "BasicTrainer":
+    if not trainer_layout(cfg).processes:
         if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ValueError("trainer=BasicTrainer runs in one process; under torchrun use "
                              "trainer=FSDPTrainer or trainer=TensorParallelTrainer")

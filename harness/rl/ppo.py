@@ -26,22 +26,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import losses
 from harness import checkpoints
 from harness.parallel import distributed
 from harness.training import schedule
-from harness.models.modeling import pad_id
-from harness.objectives import LossSpec, register_loss
-from harness.models import reward_model as rm  # a module: the loss table imports both in turn
+from harness.data.tokens import pad_id
+from harness.objectives import LossSpec, loss_options, register_loss
+from harness.data.gold import check_scorer, get_gold_reward
 from harness.rl.rollout import (build_batch, critic_values, encode_prompts, fill, generate,
                              policy_logprobs)
-from harness.training.run_logging import NullLogger, RunLogger
-from harness.rl.ppo_models import PPOModels
-from harness.training.strategy import ShardedModels, SingleProcess
-from preference_datasets import BatchIterator, load_examples
+from harness.rl.ppo_models import build_models, critic_state, load_critic
+from harness.training.checkpoint_writer import CheckpointWriter, TrainState, restore
+from harness.training.setup import load_splits, make_logger, make_optimizer, make_scheduler
+from harness.training.strategy import make_strategy
+from preference_datasets import BatchIterator
 
 
 @dataclass
@@ -84,21 +84,15 @@ class PPOOptions:
             if not getattr(self, key) > 0:
                 raise ValueError(f"loss.{key}={getattr(self, key)} must be > 0")
         if self.gold_reward:
-            rm.check_scorer("loss.gold_reward", self.gold_reward)
+            check_scorer("loss.gold_reward", self.gold_reward)
 
 
 @dataclass
-class PPOState:
-    """Everything besides weights and optimizer that exact resume needs."""
-    epoch: int = 0
-    epoch_offset: int = 0   # prompts of `epoch` already used
-    examples: int = 0       # prompts rolled out in total: the x axis of every metric
+class PPOState(TrainState):
+    """The shared resume state (examples count prompts here) plus the rollout count and the
+    (adaptive) KL coefficient."""
     rollouts: int = 0
-    steps: int = 0          # optimizer steps
     kl_coef: float = 0.0
-    next_eval: int = 0
-    last_save: int = -1
-    last_eval: int = -1
 
 
 def rollout_seed(seed: int, rollout: int) -> int:
@@ -110,48 +104,60 @@ class TrainingDiverged(FloatingPointError):
     pass
 
 
-class PPOTrainer(PPOModels, SingleProcess):
-    """The rollout loop in one process (trainer=BasicTrainer); ShardedPPOTrainer runs it on
-    sharded models. Constructed like the offline trainers (train.py picks it via the loss table)."""
+class PPOTrainer:
+    """The rollout loop, on any strategy (trainer=BasicTrainer: one process; FSDPTrainer /
+    TensorParallelTrainer: sharded models). Constructed like the offline BasicTrainer (train.py
+    picks it through the loss table)."""
 
     def __init__(self, policy, tokenizer, config, run_dir, reference_model=None, resume=None):
         self.cfg, self.tokenizer, self.run_dir = config, tokenizer, run_dir
-        self.opts = PPOOptions(**{k: v for k, v in OmegaConf.to_container(
-            config.loss, resolve=True).items() if k != "name"})
-        self.tp_size = distributed.world_size() // self.dp_size  # ranks holding the same rows
-        if tokenizer.pad_token_id == tokenizer.eos_token_id and self.is_main:
+        self.opts = loss_options(config.loss)
+        self.dist = make_strategy(config)
+        if tokenizer.pad_token_id == tokenizer.eos_token_id and self.dist.is_main:
             print("note: this tokenizer pads with its EOS token; PPO's masks come from lengths and "
                   "the first EOS (harness/rl/rollout.py), so EOS is still scored and trained")
-        self._build_models(policy, reference_model)
+        self.models = build_models(self.dist, config, tokenizer, policy, reference_model,
+                                   self.opts.reward_model)
+        m = self.models
+        self.policy, self.reference, self.critic, self.reward_model = \
+            m.policy, m.reference, m.critic, m.reward_model
+        self.rm_meta = m.rm_meta
         self.device = next(self.policy.parameters()).device
         self._load_prompts()
         trained = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
-        groups = [{"params": trained(self.policy), "lr": config.lr},
-                  {"params": trained(self.critic), "lr": self.opts.critic_lr or config.lr}]
-        self.optimizer = getattr(torch.optim, config.optimizer)(groups)
-        warmup = config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.optimizer = make_optimizer(
+            [{"params": trained(self.policy), "lr": config.lr},
+             {"params": trained(self.critic), "lr": self.opts.critic_lr or config.lr}], config)
+        self.scheduler = make_scheduler(self.optimizer, config)
         self.state = PPOState(kl_coef=self.opts.kl_coef,
                               next_eval=0 if config.do_first_eval else config.eval_every)
         if resume is not None:
-            self._restore(resume)
-        self.logger = NullLogger() if not self.is_main else RunLogger(
-            run_dir, OmegaConf.to_container(config, resolve=True),
-            config.wandb if not config.debug else OmegaConf.create({"enabled": False}),
-            config.exp_name, resume_step=self.state.examples if resume else None,
-            evaluated_at_resume=self.state.last_eval == self.state.examples)
+            self.state = restore(resume, self.dist, self.policy, m.trained, self.optimizer,
+                                 self.scheduler, PPOState)
+            if not self.dist.sharded_checkpoints:  # the shards hold the critic; else critic.pt
+                load_critic(m, resume["dir"])
+        self.writer = CheckpointWriter(run_dir, config, self.dist, tokenizer)
+        self.logger = make_logger(config, run_dir, self.dist.is_main, self.state,
+                                  resume is not None)
+
+    @staticmethod
+    def reads(spec, cfg) -> set[str]:
+        """The top-level options the rollout loop reads (harness/training/options.py)."""
+        return {"sample_during_eval", "n_eval_model_samples"}
+
+    @staticmethod
+    def behaves_as(spec, cfg) -> dict:
+        """Values of options it does not read that the loop behaves as (may be stated): one
+        micro-batch per PPO minibatch (loss.mini_batch_size), whole rollout batches, plain
+        padded forwards in the models' own dtype."""
+        return {"gradient_accumulation_steps": 1, "micro_batch_tokens": None, "drop_last": True,
+                "packing": False, "prefix_sharing": False, "amp_dtype": None,
+                "activation_checkpointing": False}
 
     # ---- data ---------------------------------------------------------------------------------
     def _load_prompts(self):
         cfg = self.cfg
-        common = dict(sft_mode=True, seed=cfg.seed, prefs_path=cfg.prefs_path,
-                      num_turns=cfg.num_turns,
-                      cache_dir=checkpoints.first_usable_dir(cfg.local_dirs))
-        train = load_examples(list(cfg.datasets), "train", data_fraction=cfg.data_fraction, **common)
-        test = load_examples(list(cfg.datasets), "test", **common)
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
-        self.eval_examples = [test[i] for i in order[:cfg.n_eval_examples].tolist()]
+        train, self.eval_examples = load_splits(cfg, sft_mode=True)
         # BatchIterator gives the seeded per-epoch order; only prompts are used here
         self.prompt_order = BatchIterator(train, self.tokenizer, batch_size=cfg.batch_size,
                                           shuffle=True, seed=cfg.seed, drop_last=True,
@@ -161,7 +167,16 @@ class PPOTrainer(PPOModels, SingleProcess):
             raise ValueError(f"{len(train)} train prompts in datasets={list(cfg.datasets)}: fewer "
                              f"than one rollout batch (batch_size={cfg.batch_size})")
         self.train_examples = train
-        print(f"data: {len(train)} train / {len(self.eval_examples)} eval prompts")
+        if self.dist.is_main:
+            print(f"data: {len(train)} train / {len(self.eval_examples)} eval prompts")
+
+    def save(self, name: str | None = None):
+        """Collective: the shared writer's files plus critic.pt."""
+        if self.cfg.debug:
+            return
+        files = {"critic.pt": critic_state(self.dist, self.models)}
+        self.writer.save(self.state, self.policy, self.models.trained, self.optimizer,
+                         self.scheduler, name, files=files)
 
     def prompt_batches(self, epoch: int, start: int):
         order = self.prompt_order.epoch_order(epoch)
@@ -174,14 +189,14 @@ class PPOTrainer(PPOModels, SingleProcess):
         the ranks of a tensor-parallel group hold the same rows, one of them counts)."""
         if distributed.world_size() == 1:
             return part
-        return [x for got in distributed.all_gather_objects(part)[::self.tp_size] for x in got]
+        return [x for got in distributed.all_gather_objects(part)[::self.dist.tp_size] for x in got]
 
     def rollout(self, examples, seed: int, first_key: int = 0):
         """Episodes for `examples` (keyed first_key, first_key + 1, ...): this rank samples its
         share, then every rank lays out the whole batch as one process would, scores its share
         of the rows and receives the others'."""
         o, synced = self.opts, distributed.world_size() > 1
-        rows, n = distributed.even_share(len(examples), self.dp_rank, self.dp_size)
+        rows, n = distributed.even_share(len(examples), self.dist.dp_rank, self.dist.dp_size)
         mine = [examples[i] for i in rows]
         samples = generate(self.policy, self.tokenizer,
                            encode_prompts(self.tokenizer, mine, self.cfg.max_prompt_length),
@@ -189,7 +204,7 @@ class PPOTrainer(PPOModels, SingleProcess):
                            [first_key + i for i in rows], synced,
                            static_cache=o.static_cache)
         batch = build_batch(self.gather(samples[:n]), pad_id(self.tokenizer), self.device)
-        rows, n = distributed.even_share(len(batch.samples), self.dp_rank, self.dp_size)
+        rows, n = distributed.even_share(len(batch.samples), self.dist.dp_rank, self.dist.dp_size)
         part = fill(batch.select(torch.tensor(rows, device=self.device)), self.policy,
                     self.reference, self.critic, self.reward_model, o.temperature,
                     o.mini_batch_size)
@@ -252,14 +267,14 @@ class PPOTrainer(PPOModels, SingleProcess):
         """ppo_epochs passes over shuffled minibatches (the same order on every rank, each
         taking its equal share of a minibatch); returns the mean statistics."""
         o, B = self.opts, batch.input_ids.shape[0]
-        share = o.mini_batch_size // self.dp_size  # PPO's check: the ranks divide it
+        share = o.mini_batch_size // self.dist.dp_size  # PPO's check: the ranks divide it
         collected = {}
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.state.rollouts)
         for epoch in range(o.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, o.mini_batch_size):
                 index = order[start:start + o.mini_batch_size]
-                mine = index[self.dp_rank * share:(self.dp_rank + 1) * share]
+                mine = index[self.dist.dp_rank * share:(self.dist.dp_rank + 1) * share]
                 first = epoch == 0 and start == 0  # nothing has changed since the rollout
                 mb_stats = self.minibatch_step(batch.select(mine), advantages[mine],
                                                returns[mine], batch.mask[index].sum().item(), first)
@@ -295,8 +310,8 @@ class PPOTrainer(PPOModels, SingleProcess):
         if stats["ppo/approxkl"] > o.max_approx_kl:
             self.diverged("ppo/approxkl", stats["ppo/approxkl"],
                           f"> loss.max_approx_kl={o.max_approx_kl}")
-        (loss * (local * self.dp_size / max(n_tokens, 1))).backward()
-        grad_norm = self.clip_gradients()
+        (loss * (local * self.dist.dp_size / max(n_tokens, 1))).backward()
+        grad_norm = self.dist.clip(self.models.trained.parameters(), self.cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.diverged("grad_norm", grad_norm)
@@ -343,7 +358,6 @@ class PPOTrainer(PPOModels, SingleProcess):
         results = {"rewards_eval/score": torch.cat(scores).mean().item(),
                    "kl_eval/kl": torch.cat(kls).mean().item()}
         if o.gold_reward:
-            from harness.data.toy_task import get_gold_reward
             fn = get_gold_reward(o.gold_reward)
             gold = [fn(r["prompt"], r["policy"]) for r in rows]
             results["rewards_eval/gold"] = sum(gold) / len(gold)
@@ -351,7 +365,7 @@ class PPOTrainer(PPOModels, SingleProcess):
         if self.cfg.sample_during_eval:
             self.logger.log_samples(st.examples, rows[:self.cfg.n_eval_model_samples])
         self.logger.log(results, st.examples)
-        if self.is_main:
+        if self.dist.is_main:
             print(f"eval @ {st.examples} prompts: " +
                   ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
@@ -362,13 +376,13 @@ class PPOTrainer(PPOModels, SingleProcess):
         per_epoch = self.prompt_order.examples_per_epoch
         total = schedule.total_examples(cfg, per_epoch)
         bar = tqdm(total=total, initial=st.examples, unit="prompt", desc="ppo", dynamic_ncols=True,
-                   disable=not self.is_main)
+                   disable=not self.dist.is_main)
         while st.examples < total:
             schedule.advance_epoch(st, per_epoch)  # (a checkpoint saved at an epoch's end)
             for examples in self.prompt_batches(st.epoch, st.epoch_offset):
                 schedule.evaluate_if_due(self)
                 stats = self.ppo_step(examples)
-                self.logger.log(stats, st.examples)
+                self.logger.log_train(stats, st.examples)
                 bar.update(len(examples))
                 bar.set_postfix(score=f"{stats['rewards_train/score']:.3f}",
                                 kl=f"{stats['kl_train/kl']:.2f}")
@@ -379,31 +393,16 @@ class PPOTrainer(PPOModels, SingleProcess):
         bar.close()
         schedule.finish(self)
 
-class ShardedPPOTrainer(ShardedModels, PPOTrainer):
-    """The rollout loop with trainer=FSDPTrainer or TensorParallelTrainer: the same loop, its
-    models wrapped by parallel.parallelize over the trainer's mesh, clipped and checkpointed
-    as sharded models (harness/training/strategy.py)."""
-
-
 def check(cfg, world_size: int):
     """PPO's batch settings, before any model loads."""
-    o = PPOOptions(**{k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
-                      if k != "name"})
+    o = loss_options(cfg.loss)
     dp = world_size // distributed.tensor_parallel_size(cfg, world_size)
-    if cfg.gradient_accumulation_steps != 1:
-        raise ValueError("loss=ppo: set loss.mini_batch_size (episodes per optimizer step) "
-                         "instead of gradient_accumulation_steps, which the PPO loop does "
-                         "not use; keep gradient_accumulation_steps=1")
     if cfg.max_prompt_length + o.max_new_tokens > cfg.max_length:
         raise ValueError(f"max_prompt_length={cfg.max_prompt_length} + loss.max_new_tokens="
                          f"{o.max_new_tokens} exceeds max_length={cfg.max_length}")
     if cfg.batch_size % o.mini_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} (prompts per rollout) must be a "
                          f"multiple of loss.mini_batch_size={o.mini_batch_size}")
-    if cfg.activation_checkpointing:
-        raise ValueError("activation_checkpointing=true has no effect with loss=ppo: its models "
-                         "stay in eval mode (dropout off), where transformers does not "
-                         "checkpoint; set activation_checkpointing=false")
     if o.mini_batch_size % dp:
         raise ValueError(f"loss.mini_batch_size={o.mini_batch_size} must be a multiple of the {dp}"
                          " data-parallel ranks (each takes an equal share of every minibatch)")
@@ -413,12 +412,9 @@ def load_policy(cfg, archive, device_map=None, meta: bool = False):
     """The actor (model.* as usual), after checking that the reward model exists, so a bad
     loss.reward_model fails before a large model loads."""
     from harness.models.modeling import load_model
-    rm.checkpoint_dir(cfg.loss.reward_model)
+    checkpoints.reward_checkpoint_dir(cfg.loss.reward_model)
     return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
 
 
-register_loss("ppo", LossSpec(
-    losses.ppo_policy_loss, paired=False, step=None, uses_reference=True, options=PPOOptions,
-    load_policy=load_policy, check=check,
-    trainer={"BasicTrainer": PPOTrainer, "FSDPTrainer": ShardedPPOTrainer,
-             "TensorParallelTrainer": ShardedPPOTrainer}))
+register_loss("ppo", LossSpec(paired=False, step=None, uses_reference=True, options=PPOOptions,
+                              load_policy=load_policy, check=check, loop=PPOTrainer))

@@ -1,5 +1,5 @@
-"""PPO's four models: how they are built and wrapped (LoRA, the trainer's parallelism) and how
-they are checkpointed and restored. A part of PPOTrainer (harness/rl/ppo.py), kept apart.
+"""PPO's four models: how they are built and wrapped (LoRA, the trainer's strategy) and what of
+them a checkpoint holds beyond the shared writer's files (critic.pt).
 
     actor       model.* (the SFT policy); with model.lora.r, LoRA adapters on it
     reference   a frozen copy of the actor; with LoRA, the actor with adapters disabled
@@ -20,90 +20,63 @@ hf/ (export_hf=true).
 """
 
 import copy
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 
 import torch
 
-from harness import checkpoints
-from harness.parallel import distributed
 from harness.models import lora
-from harness.models import reward_model as rm
-from harness.models.modeling import save_hf_model
+from harness.models.reward_model import check_same_tokenizer, load_reward_model
 
 
+@dataclass
 class PPOModels:
-    """A base of PPOTrainer (before SingleProcess, whose hooks it uses; ShardedModels overrides
-    those and load_training_state for the distributed trainers)."""
+    policy: torch.nn.Module        # the actor
+    reference: torch.nn.Module     # frozen; with LoRA the actor itself (adapters disabled)
+    critic: torch.nn.Module
+    reward_model: torch.nn.Module  # frozen; with LoRA the critic itself (adapters disabled)
+    rm_meta: dict                  # reward_model.json: the held-out reward mean / std
+    critic_keys: set               # the critic's trained parameters (LoRA: adapters and head)
+    # what the optimizer updates and sharded checkpoints hold: actor and critic
+    trained: torch.nn.ModuleDict
 
-    def _build_models(self, policy, reference):
-        """Actor, reference, critic and reward model, each wrapped for this trainer (the LoRA
-        reference and reward model are the actor and critic themselves, wrapped once)."""
-        path = self.opts.reward_model
-        reward_model, _, self.rm_meta = rm.load_reward_model(path, on_meta=not self.is_main)
-        rm.check_same_tokenizer(self.rm_meta, self.tokenizer, f"loss.reward_model={path}")
-        reward_model.to(next(policy.parameters()).device).requires_grad_(False)
-        if lora.enabled(self.cfg.model):  # adapters on the backbone, the value head trained whole
-            critic = reward_model = lora.apply_lora(reward_model, self.cfg.model.lora, "score")
-        else:
-            critic = copy.deepcopy(reward_model).requires_grad_(True)
-        self.policy, self.critic = self.wrap(policy), self.wrap(critic)
-        self.reference = self.policy if reference is policy else self.wrap(
-            reference.requires_grad_(False), train=False)
-        self.reward_model = self.critic if reward_model is critic else self.wrap(
-            reward_model, train=False)
-        for model in (self.policy, self.reference, self.critic, self.reward_model):
-            model.eval()  # dropout off everywhere: rollout and update see the same function
-        self.trained = torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
-        self.critic_keys = {k for k, p in self.critic.named_parameters() if p.requires_grad}
 
-    def save(self, name: str | None = None):
-        """Collective (every rank gathers and writes its shards); rank 0 writes the files."""
-        if self.cfg.debug:
-            return
-        st = self.state
-        name = name or f"step-{st.examples}"
-        policy, critic = self.full_state(self.policy), self.full_state(self.critic)
-        optimizer_state = self.optimizer_state_dict()
-        self.save_shards(name)
-        if self.is_main:
-            merged = lora.merged_state(policy, self.cfg.model.lora) \
-                if lora.is_lora(self.policy) else policy
-            if lora.is_lora(self.critic):  # its frozen part is loss.reward_model itself
-                critic = {k: v for k, v in critic.items() if k in self.critic_keys}
-            path = checkpoints.save_checkpoint(
-                self.run_dir, name, st.examples, {"examples": st.examples}, merged,
-                optimizer_state, self.scheduler.state_dict(),
-                {"ppo_state": asdict(st), "rng": checkpoints.rng_state()},
-                lambda d: self.write_extras(name, d, policy, merged, critic))
-            checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-            print(f"saved {path}")
-        distributed.barrier()
-        st.last_save = st.examples
+def build_models(dist, cfg, tokenizer, policy, reference, reward_path: str) -> PPOModels:
+    """Actor, reference, critic and reward model, each wrapped by the strategy `dist` (the LoRA
+    reference and reward model are the actor and critic themselves, wrapped once)."""
+    reward_model, _, rm_meta = load_reward_model(reward_path, on_meta=not dist.is_main)
+    check_same_tokenizer(rm_meta, tokenizer, f"loss.reward_model={reward_path}")
+    reward_model.to(next(policy.parameters()).device).requires_grad_(False)
+    if lora.enabled(cfg.model):  # adapters on the backbone, the value head trained whole
+        critic = reward_model = lora.apply_lora(reward_model, cfg.model.lora, "score")
+    else:
+        critic = copy.deepcopy(reward_model).requires_grad_(True)
+    wrapped_policy, wrapped_critic = dist.wrap(policy), dist.wrap(critic)
+    wrapped_reference = wrapped_policy if reference is policy else dist.wrap(
+        reference.requires_grad_(False), train=False)
+    wrapped_reward = wrapped_critic if reward_model is critic else dist.wrap(reward_model,
+                                                                            train=False)
+    for model in (wrapped_policy, wrapped_reference, wrapped_critic, wrapped_reward):
+        model.eval()  # dropout off everywhere: rollout and update see the same function
+    critic_keys = {k for k, p in wrapped_critic.named_parameters() if p.requires_grad}
+    return PPOModels(wrapped_policy, wrapped_reference, wrapped_critic, wrapped_reward, rm_meta,
+                     critic_keys, torch.nn.ModuleDict({"policy": wrapped_policy,
+                                                       "critic": wrapped_critic}))
 
-    def write_extras(self, name, ckpt_dir, policy: dict, merged: dict, critic: dict):
-        """critic.pt, and as the offline loop writes them: sharded/, adapter/, hf/."""
-        checkpoints.adopt_shards(self.run_dir, name, ckpt_dir)
-        torch.save({"step_idx": self.state.examples, "state": critic}, ckpt_dir / "critic.pt")
-        if lora.is_lora(self.policy):
-            lora.save_adapter(self.policy, policy, ckpt_dir / checkpoints.ADAPTER)
-        if self.cfg.export_hf:
-            save_hf_model(lora.causal_lm(self.policy).config, merged, ckpt_dir / "hf")
-            self.tokenizer.save_pretrained(ckpt_dir / "hf")
 
-    def _restore(self, resume: dict):
-        self.load_training_state(resume)
-        self.scheduler.load_state_dict(resume["scheduler"]["state"])
-        self.state = replace(self.state, **resume["trainer"]["ppo_state"])
-        checkpoints.set_rng_state(resume["trainer"]["rng"])
-        print(f"resumed from {resume['dir']} at {self.state.examples} prompts")
+def critic_state(dist, models: PPOModels) -> dict:
+    """critic.pt's state (collective): the whole critic, or with LoRA only what trains (its
+    frozen part is loss.reward_model itself)."""
+    state = dist.full_state(models.critic)
+    if lora.is_lora(models.critic):
+        state = {k: v for k, v in state.items() if k in models.critic_keys}
+    return state
 
-    def load_training_state(self, resume: dict):
-        """The actor (or its adapters) and optimizer, then the critic from critic.pt."""
-        super().load_training_state(resume)
-        state = torch.load(f"{resume['dir']}/critic.pt", map_location="cpu",
-                           weights_only=True)["state"]
-        missing, unexpected = self.critic.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k in self.critic_keys]
-        if missing or unexpected:
-            raise ValueError(f"{resume['dir']}/critic.pt does not match the critic (model.lora "
-                             f"changed?): missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+def load_critic(models: PPOModels, ckpt_dir: str):
+    """The critic from a checkpoint's critic.pt (runs whose shards did not hold it)."""
+    state = torch.load(f"{ckpt_dir}/critic.pt", map_location="cpu", weights_only=True)["state"]
+    missing, unexpected = models.critic.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in models.critic_keys]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}/critic.pt does not match the critic (model.lora "
+                         f"changed?): missing {missing[:3]}, unexpected {unexpected[:3]}")

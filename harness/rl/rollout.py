@@ -17,21 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.data.tokens import pad_to, pad_with_mask, truncate
 from harness.models.generation import Sample, SamplingConfig, sample
 from harness.models.lora import adapters_disabled
 from harness.models.modeling import position_ids
 from losses import entropy_from_logits
-from preference_datasets import _TRUNCATE
 
 
 def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
     """Prompt ids as in training (no BOS), cut to max_prompt_length per the dataset's mode."""
-    out = []
-    for ex in examples:
-        ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-        out.append(list(_TRUNCATE[ex.truncation_mode](ids, max_prompt_length))
-                   if len(ids) > max_prompt_length else list(ids))
-    return out
+    return [truncate(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"],
+                     ex.truncation_mode, max_prompt_length) for ex in examples]
 
 
 @dataclass
@@ -57,16 +53,12 @@ class Rollout:
 
 def build_batch(samples: list[Sample], pad_token_id: int, device) -> Rollout:
     """Tensors for sampled (prompt, completion) token ids in the layout above."""
-    P = max(len(s.prompt_ids) for s in samples)
-    T = max(max(len(s.completion_ids) for s in samples), 1)
-    B = len(samples)
-    ids = torch.full((B, P + T), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((B, P + T), dtype=torch.long)
-    for row, s in enumerate(samples):
-        p, c = len(s.prompt_ids), len(s.completion_ids)
-        ids[row, P - p:P] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        ids[row, P:P + c] = torch.tensor(s.completion_ids, dtype=torch.long)
-        attn[row, P - p:P + c] = 1
+    prompt_ids, prompt_mask = pad_with_mask([s.prompt_ids for s in samples], pad_token_id, left=True)
+    response_ids, response_mask = pad_with_mask([s.completion_ids for s in samples], pad_token_id)
+    width = max(response_ids.shape[1], 1)  # every response empty: keep one (masked) column
+    response_ids, response_mask = pad_to(response_ids, width, pad_token_id), pad_to(response_mask, width, 0)
+    ids, attn = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    P = prompt_ids.shape[1]
     finished = torch.tensor([s.finished for s in samples])
     return Rollout(ids.to(device), attn.to(device), P, attn[:, P:].float().to(device),
                    finished.to(device), samples)

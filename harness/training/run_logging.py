@@ -1,8 +1,10 @@
 """Metrics to metrics.jsonl, wandb (as the reference) and a PNG of the curves."""
 
 import json
+import math
 import netrc
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -26,8 +28,9 @@ class RunLogger:
     """
 
     def __init__(self, run_dir, config: dict, wandb_cfg, exp_name: str, resume_step=None,
-                 evaluated_at_resume: bool = True):
+                 evaluated_at_resume: bool = True, min_interval_secs: float = 0.0):
         self.run_dir = Path(run_dir)
+        self.min_interval_secs, self._last_train_log = min_interval_secs, -math.inf
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # an evaluation due at the checkpoint's own step runs after the save, so unless the
@@ -63,6 +66,12 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def log_train(self, metrics: dict, step: int):
+        """Training metrics, at most once per minimum_log_interval_secs (evaluations: log)."""
+        if time.monotonic() - self._last_train_log >= self.min_interval_secs:
+            self.log(metrics, step)
+            self._last_train_log = time.monotonic()
+
     def log_samples(self, step: int, rows: list[dict]):
         """rows: [{"prompt", "policy", ("reference")}] -> samples/step-N.jsonl and a wandb table."""
         folder = self.run_dir / "samples"
@@ -90,6 +99,9 @@ class NullLogger:
     """What ranks other than 0 log with: nothing (rank 0 logs the metrics of all ranks)."""
 
     def log(self, metrics: dict, step: int):
+        pass
+
+    def log_train(self, metrics: dict, step: int):
         pass
 
     def log_samples(self, step: int, rows: list[dict]):

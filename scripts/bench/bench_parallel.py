@@ -1,8 +1,8 @@
 """Peak memory per rank and step time: one process vs FSDP / tensor parallelism on 2 processes.
 
-    python scripts/bench_parallel.py                        # ~100M-param Llama, CPU, gloo
-    python scripts/bench_parallel.py --steps 5 --modes single fsdp
-    python scripts/bench_parallel.py --preset gpu-1b        # on a GPU box: 1B-class, NCCL
+    python scripts/bench/bench_parallel.py                        # ~100M-param Llama, CPU, gloo
+    python scripts/bench/bench_parallel.py --steps 5 --modes single fsdp
+    python scripts/bench/bench_parallel.py --preset gpu-1b        # on a GPU box: 1B-class, NCCL
 
 Every configuration runs under torchrun in fresh processes over the same random-init Llama-style
 model and the same global batch of random tokens; the training step is the harness's own: the
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 PRESETS = {

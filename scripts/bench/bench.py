@@ -1,11 +1,11 @@
 """Training benchmark: our BasicTrainer against TRL's DPOTrainer, same weights and data.
 
-    python scripts/bench.py --preset cpu-tiny                  # about a minute on 2 CPU cores
-    python scripts/bench.py --preset cpu-100m --out bench.jsonl
-    python scripts/bench.py --preset h100-1b                   # needs a CUDA GPU
-    python scripts/bench.py --preset cpu-tiny --only ours --steps 2 --warmup 1
-    python scripts/bench.py --preset cpu-tiny --epoch          # whole DPO epochs, wall clock
-    python scripts/bench.py --preset h100-1b --device cpu --model cpu-tiny --epoch --pairs 8
+    python scripts/bench/bench.py --preset cpu-tiny                  # about a minute on 2 CPU cores
+    python scripts/bench/bench.py --preset cpu-100m --out bench.jsonl
+    python scripts/bench/bench.py --preset h100-1b                   # needs a CUDA GPU
+    python scripts/bench/bench.py --preset cpu-tiny --only ours --steps 2 --warmup 1
+    python scripts/bench/bench.py --preset cpu-tiny --epoch          # whole DPO epochs, wall clock
+    python scripts/bench/bench.py --preset h100-1b --device cpu --model cpu-tiny --epoch --pairs 8
                                                        # the GPU preset's code path, on a CPU
 
 One JSON line per configuration goes to stdout (and is appended to --out); progress to stderr.

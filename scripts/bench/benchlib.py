@@ -1,7 +1,7 @@
 """Pieces the benchmarks share: the random-init models, the HH-like length mix, peak memory,
 timing, and running each configuration in a subprocess of its own.
 
-scripts/bench.py (training steps and epochs) and scripts/bench_generate.py (generation) import
+scripts/bench/bench.py (training steps and epochs) and scripts/bench/bench_generate.py (generation) import
 this module; docs/performance.md holds their figures.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

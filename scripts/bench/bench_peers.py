@@ -1,4 +1,4 @@
-"""The peers scripts/bench.py compares our trainer with: TRL's DPOTrainer (reference model in
+"""The peers scripts/bench/bench.py compares our trainer with: TRL's DPOTrainer (reference model in
 memory, or its log-probs precomputed) and a bare Hugging Face training step (SFT). Each runs in a
 worker process of its own over exactly our batches, in our order."""
 

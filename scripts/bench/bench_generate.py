@@ -1,8 +1,8 @@
 """Generation benchmark: our sampling paths against plain `model.generate`, same model and prompts.
 
-    python scripts/bench_generate.py --preset cpu-tiny         # under a minute on 2 CPU cores
-    python scripts/bench_generate.py --preset cpu-100m --out gen.jsonl
-    python scripts/bench_generate.py --preset h100-1b          # 64 prompts x 256 new tokens, GPU
+    python scripts/bench/bench_generate.py --preset cpu-tiny         # under a minute on 2 CPU cores
+    python scripts/bench/bench_generate.py --preset cpu-100m --out gen.jsonl
+    python scripts/bench/bench_generate.py --preset h100-1b          # 64 prompts x 256 new tokens, GPU
 
 One JSON line per configuration goes to stdout (and is appended to --out); progress to stderr.
 The peer is plain `model.generate` over the prompts in order, `batch_size` at a time. Ours are
@@ -17,7 +17,7 @@ anyway, but the tiny vocabulary of cpu-tiny makes EOS likely enough to matter. E
 configuration runs in a fresh subprocess (its own peak memory): one untimed pass over the first
 batch (on a GPU with static_cache that pays the decode step's compile), then `repeats` timed
 passes over all prompts; figures are medians. Prompts come from the same HH-like length mix as
-scripts/bench.py (scripts/benchlib.py). docs/performance.md holds measured figures.
+scripts/bench/bench.py (scripts/bench/benchlib.py). docs/performance.md holds measured figures.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def plain_pass(model, tok, encoded, spec, batches):
     """The peer: model.generate on left-padded batches, nothing else."""
     import torch
     from transformers import GenerationConfig
-    from harness.models.generation import _left_pad
+    from harness.data.tokens import pad_with_mask
     device = next(model.parameters()).device
     cfg = GenerationConfig(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                            do_sample=True, top_k=0, pad_token_id=tok.pad_token_id,
@@ -66,7 +66,8 @@ def plain_pass(model, tok, encoded, spec, batches):
     new = 0
     with torch.no_grad():
         for index, rows in enumerate(batches):
-            ids, mask = _left_pad([encoded[i] for i in rows], tok.pad_token_id, device)
+            ids, mask = (t.to(device) for t in pad_with_mask(
+                [encoded[i] for i in rows], tok.pad_token_id, left=True))
             torch.manual_seed(index)
             new += (model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
                     .shape[1] - ids.shape[1]) * len(rows)
