@@ -4,11 +4,9 @@ teacher completions as an SFT set, and annotations.json back into `prefs_path` D
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+import pytest
 
-import train
 from harness.models.modeling import load_checkpoint
 from harness.training.run_logging import read_metrics
 from harness.feedback.serving import ModelBackend
@@ -46,6 +44,7 @@ def test_generate_samples_slices_seeds_and_records_provenance(tmp_path):
         assert r["provenance"]["range"] == [1, 4] and r["provenance"]["temperature"] == 1.0
 
 
+@pytest.mark.slow
 def test_parallel_sample_joins_disjoint_exact_shards(tmp_path):
     prompts = prompt_file(tmp_path, 5)
     out = tmp_path / "all.jsonl"
@@ -85,7 +84,8 @@ def _maybe_test_split(path):
         return {}
 
 
-def test_annotations_round_trip_into_prefs_dpo_training(tmp_path):
+@pytest.mark.slow
+def test_annotations_round_trip_into_prefs_dpo_training(tmp_path, train_run):
     samples = tmp_path / "s.jsonl"
     with open(samples, "w") as f:
         for prompt, rec in toy_records("train", 400).items():
@@ -104,13 +104,8 @@ def test_annotations_round_trip_into_prefs_dpo_training(tmp_path):
         key = (instruction, e.chosen[1:], e.rejected[1:])
         swapped = (instruction, e.rejected[1:], e.chosen[1:])
         assert decisive.get(key) == 1.0 or decisive.get(swapped) == 2.0  # winner is chosen
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"local_dirs=[{tmp_path}]", "loss=dpo", "loss.beta=0.1", f"prefs_path={path}",
-            "datasets=[toy]", "n_examples=32", "batch_size=16", "eval_batch_size=32",
-            "n_eval_examples=16", "wandb.enabled=false", "sample_during_eval=false",
-            "eval_every=1000000", "lr=1e-4"])
-    run_dir = Path(train.run(cfg))
+    run_dir = train_run(tmp_path, "loss=dpo", "loss.beta=0.1", f"prefs_path={path}",
+                        "datasets=[toy]", "n_examples=32", "n_eval_examples=16", "lr=1e-4")
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r]
     assert [r["step"] for r in rows] == [16, 32] and "rewards_train/accuracies" in rows[-1]
     # and the trained policy.pt is servable as is (base model from the run's config.yaml)
@@ -121,6 +116,7 @@ def test_annotations_round_trip_into_prefs_dpo_training(tmp_path):
     assert status == 200 and body["choices"][0]["text"]
 
 
+@pytest.mark.slow
 def test_eval_ckpt_reports_a_pairwise_win_rate_without_alpaca_eval(tmp_path):
     prompts = prompt_file(tmp_path, 4)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",

@@ -15,6 +15,7 @@ FIELDS = {"preset", "config", "impl", "loss", "reference", "device", "dtype", "b
           "peak_memory_mib", "peak_memory_delta_mib", "step_peak_memory_delta_mib", "mfu"}
 
 
+@pytest.mark.slow
 def test_bench_cpu_tiny_ours(tmp_path):
     out = tmp_path / "results.jsonl"
     proc = subprocess.run(
@@ -48,6 +49,7 @@ def test_bench_cpu_tiny_ours(tmp_path):
     assert in_memory["prepass_pairs"] == 0
 
 
+@pytest.mark.slow
 def test_gpu_preset_fails_clearly_without_cuda():
     import torch
     if torch.cuda.is_available():
@@ -57,15 +59,9 @@ def test_gpu_preset_fails_clearly_without_cuda():
     assert proc.returncode != 0 and "CUDA" in proc.stderr and not proc.stdout
 
 
-def bench(tmp_path, *args, script="bench.py"):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / script), "--threads", "1", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
-
-
-def test_bench_epoch_mode_times_whole_epochs_of_both_trainers(tmp_path):
-    trl, ours = bench(tmp_path, "--preset", "cpu-tiny", "--epoch", "--pairs", "8",
+@pytest.mark.slow
+def test_bench_epoch_mode_times_whole_epochs_of_both_trainers(tmp_path, run_bench):
+    trl, ours = run_bench(tmp_path, "--preset", "cpu-tiny", "--epoch", "--pairs", "8",
                       "--configs", "dpo_precomputed")
     for row in (trl, ours):
         assert (row["mode"], row["pairs"], row["steps"], row["batch_size"]) == ("epoch", 8, 2, 4)
@@ -80,10 +76,11 @@ def test_bench_epoch_mode_times_whole_epochs_of_both_trainers(tmp_path):
         ours["pairs_per_s"] / trl["pairs_per_s"], abs=1e-3)
 
 
-def test_gpu_preset_code_path_runs_on_cpu(tmp_path):
+@pytest.mark.slow
+def test_gpu_preset_code_path_runs_on_cpu(tmp_path, run_bench):
     """--device cpu --model cpu-tiny: the h100-1b workload (bf16, batch 8, max_length 1024, the
     levers) on the tiny model, so the GPU preset's path is checked where no GPU is."""
-    [row] = bench(tmp_path, "--preset", "h100-1b", "--device", "cpu", "--model", "cpu-tiny",
+    [row] = run_bench(tmp_path, "--preset", "h100-1b", "--device", "cpu", "--model", "cpu-tiny",
                   "--epoch", "--pairs", "8", "--only", "ours", "--configs",
                   "dpo_precomputed_packed", "--levers", "micro_batch_tokens=4096")
     assert (row["dtype"], row["device"], row["max_length"], row["batch_size"]) == \

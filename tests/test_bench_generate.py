@@ -5,19 +5,21 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.test_bench import REPO, bench
+REPO = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 import bench_generate  # noqa: E402
 import benchlib  # noqa: E402
 
 
-def test_bench_generate_cpu_tiny(tmp_path):
+@pytest.mark.slow
+def test_bench_generate_cpu_tiny(tmp_path, run_bench):
     out = tmp_path / "gen.jsonl"
-    rows = bench(tmp_path, "--preset", "cpu-tiny", "--prompts", "6", "--new-tokens", "5",
+    rows = run_bench(tmp_path, "--preset", "cpu-tiny", "--prompts", "6", "--new-tokens", "5",
                  "--batch-size", "4", "--repeats", "2", "--configs", "sample_token_budget",
                  "--out", str(out), script="bench_generate.py")
     assert [(r["config"], r["path"]) for r in rows] == [
@@ -60,6 +62,7 @@ def test_every_path_generates_the_full_length(tmp_path, preset):
         assert row["new_tokens_per_pass"] == 15 and row["new_tokens_per_s"] > 0, config
 
 
+@pytest.mark.slow
 def test_gpu_preset_fails_clearly_without_cuda():
     import torch
     if torch.cuda.is_available():

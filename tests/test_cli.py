@@ -11,6 +11,8 @@ import pytest
 
 from harness.training.run_logging import read_metrics
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 

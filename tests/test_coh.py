@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.objectives.coh import (CHAIN_ORDERS, coh_settings, fit_blocks, parse_template, record_chains,
@@ -14,9 +13,10 @@ from harness.models.modeling import load_tokenizer
 from preference_datasets import BatchIterator, get_dataset, load_examples
 from train import check_config
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 FIX = Path(__file__).parent / "fixtures"
 EOS = "<eos>"
+
+COH = "loss=coh"
 
 
 class WordTokenizer:
@@ -33,11 +33,6 @@ class WordTokenizer:
     def words(self, ids):
         inverse = {i: w for w, i in self.vocab.items()}
         return [inverse[i] for i in ids]
-
-
-def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=["loss=coh", *overrides])
 
 
 # one wording pair and one comparison template, so every order is deterministic
@@ -68,9 +63,9 @@ PROMPT = "Q: x"
     ([], {**RECORD, "responses": [" s3"], "pairs": []}, ["Q:", " x", " Good:", " s3", EOS],
      [0, 0, 0, 1, 1]),
 ])
-def test_exact_masks_for_each_chain_order(overrides, record, tokens, mask):
+def test_exact_masks_for_each_chain_order(overrides, record, tokens, mask, compose):
     tok = WordTokenizer()
-    (chain,) = record_chains(PROMPT, record, coh_settings(make_cfg(*SMALL_SET, *overrides)))
+    (chain,) = record_chains(PROMPT, record, coh_settings(compose(COH, *SMALL_SET, *overrides)))
     out = tokenize_chain(chain, tok, max_length=64, max_prompt_length=32)
     assert tok.words(out["chosen_input_ids"]) == tokens
     assert [int(label != -100) for label in out["chosen_labels"]] == mask
@@ -80,33 +75,33 @@ def test_exact_masks_for_each_chain_order(overrides, record, tokens, mask):
     assert tok.words(out["prompt_input_ids"]) == ["Q:", " x", " Good:"]
 
 
-def test_multi_turn_history_is_context_only():
+def test_multi_turn_history_is_context_only(compose):
     tok = WordTokenizer()
     prompt = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: more?\n\nAssistant:"
-    (chain,) = record_chains(prompt, RECORD, coh_settings(make_cfg(*SMALL_SET,
+    (chain,) = record_chains(prompt, RECORD, coh_settings(compose(COH, *SMALL_SET,
                                                                    *only("positive_negative"))))
     out = tokenize_chain(chain, tok, 64, 32)
     trained = [i for i, label in zip(out["chosen_input_ids"], out["chosen_labels"]) if label != -100]
     assert tok.words(trained) == [" b2", EOS, " a1", EOS]  # neither earlier turn is trained
 
 
-def test_order_and_wording_are_seeded_per_example():
+def test_order_and_wording_are_seeded_per_example(compose):
     record = {"responses": [f" r{i}" for i in range(40)], "pairs": [(i, i + 1) for i in range(39)],
               "sft_target": " r0", "truncation_mode": "keep_start"}
     orders = lambda seed: [c.order for c in record_chains(  # noqa: E731
-        PROMPT, record, coh_settings(make_cfg(f"seed={seed}")))]
+        PROMPT, record, coh_settings(compose(COH, f"seed={seed}")))]
     assert orders(0) == orders(0) and orders(0) != orders(1)
     assert set(orders(0)) == {"positive_negative", "negative_positive"}
-    phrases = {c.blocks[0][0] for c in record_chains(PROMPT, record, coh_settings(make_cfg()))}
+    phrases = {c.blocks[0][0] for c in record_chains(PROMPT, record, coh_settings(compose(COH)))}
     assert len(phrases) > 2  # several wordings of the dialogue set are drawn
 
 
 # ---------------------------------------------------------------- truncation
-def test_truncation_cuts_the_prompt_first():
+def test_truncation_cuts_the_prompt_first(compose):
     tok = WordTokenizer()
     record = {**RECORD, "truncation_mode": "keep_end"}
     prompt = " ".join(f"p{i}" for i in range(10))
-    (chain,) = record_chains(prompt, record, coh_settings(make_cfg(*SMALL_SET,
+    (chain,) = record_chains(prompt, record, coh_settings(compose(COH, *SMALL_SET,
                                                                    *only("positive_negative"))))
     out = tokenize_chain(chain, tok, max_length=10, max_prompt_length=4)
     # keep_end keeps the last 4 prompt tokens; both phrase + answer blocks survive whole
@@ -114,12 +109,12 @@ def test_truncation_cuts_the_prompt_first():
                                                   EOS, " Bad:", " a1", EOS]
 
 
-def test_truncation_keeps_each_phrase_with_its_answer():
+def test_truncation_keeps_each_phrase_with_its_answer(compose):
     tok = WordTokenizer()
     record = {"responses": [" " + " ".join(f"w{i}" for i in range(8)),
                             " " + " ".join(f"b{i}" for i in range(3))],
               "pairs": [(1, 0)], "sft_target": None, "truncation_mode": "keep_start"}
-    (chain,) = record_chains("Q: x y z", record, coh_settings(make_cfg(
+    (chain,) = record_chains("Q: x y z", record, coh_settings(compose(COH, 
         *SMALL_SET, *only("positive_negative"))))
     out = tokenize_chain(chain, tok, max_length=12, max_prompt_length=3)
     words = tok.words(out["chosen_input_ids"])
@@ -141,9 +136,9 @@ def test_fit_blocks_cuts_longest_answers_first():
 
 
 # ---------------------------------------------------------------- phrase sets and bad input
-def test_every_shipped_set_parses_with_every_order():
-    for name in make_cfg().loss.feedback_sets:
-        cfg = make_cfg(f"loss.feedback_set={name}", "loss.chain_weights.comparison=1",
+def test_every_shipped_set_parses_with_every_order(compose):
+    for name in compose(COH).loss.feedback_sets:
+        cfg = compose(COH, f"loss.feedback_set={name}", "loss.chain_weights.comparison=1",
                        "loss.chain_weights.positive=1", "loss.chain_weights.negative=1")
         settings = coh_settings(cfg)
         assert settings.pairs and settings.comparisons and settings.inference_phrase.strip()
@@ -167,20 +162,20 @@ def test_every_shipped_set_parses_with_every_order():
     (["loss.pt_data=/no/such/corpus.txt"], FileNotFoundError, "loss.pt_data"),
     (["+loss.typo=1"], ValueError, "loss.typo"),
 ])
-def test_bad_coh_config_is_named_before_loading(overrides, error, message):
+def test_bad_coh_config_is_named_before_loading(overrides, error, message, compose):
     with pytest.raises(error, match=message):
-        check_config(make_cfg(*overrides))
+        check_config(compose(COH, *overrides))
 
 
-def test_user_set_from_a_yaml_file(tmp_path):
+def test_user_set_from_a_yaml_file(tmp_path, compose):
     path = tmp_path / "sets.yaml"
     path.write_text("review:\n  pairs:\n    - {positive: ' A fitting review:{answer}', "
                     "negative: ' A misfit review:{answer}'}\n")
-    settings = coh_settings(make_cfg(f"loss.feedback_sets_file={path}", "loss.feedback_set=review"))
+    settings = coh_settings(compose(COH, f"loss.feedback_sets_file={path}", "loss.feedback_set=review"))
     assert settings.inference_phrase == " A fitting review:"
     (tmp_path / "bad.yaml").write_text("review: [unclosed")
     with pytest.raises(ValueError, match="feedback_sets_file"):
-        coh_settings(make_cfg(f"loss.feedback_sets_file={tmp_path}/bad.yaml"))
+        coh_settings(compose(COH, f"loss.feedback_sets_file={tmp_path}/bad.yaml"))
 
 
 def test_parse_template_slots():
@@ -194,9 +189,9 @@ def test_parse_template_slots():
 @pytest.mark.parametrize("spec", [f"hh:{FIX}/hh", f"shp:{FIX}/shp", f"se:{FIX}/se",
                                   f"sharegpt:{FIX}/sharegpt.json", f"prefs:{FIX}/annotations.json",
                                   f"json:{FIX}/pairs.jsonl", f"json:{FIX}/canonical.json", "toy"])
-def test_chains_from_every_dataset(spec):
+def test_chains_from_every_dataset(spec, compose):
     tokenizer = load_tokenizer("assets/tiny_model")
-    fmt_settings = coh_settings(make_cfg())
+    fmt_settings = coh_settings(compose(COH))
     data = get_dataset(spec, "train", silent=True)
     chains = [c for p, r in data.items() for c in record_chains(p, r, fmt_settings)]
     n_pairs = sum(max(1, len(r["pairs"])) for r in data.values())
@@ -211,8 +206,8 @@ def test_chains_from_every_dataset(spec):
         assert tokenizer.decode(trained) == expected
 
 
-def test_chains_batch_through_the_standard_iterator():
-    settings = coh_settings(make_cfg())
+def test_chains_batch_through_the_standard_iterator(compose):
+    settings = coh_settings(compose(COH))
     examples = load_examples(["toy"], "test", sft_mode=False,
                              record_examples=lambda p, r: record_chains(p, r, settings))
     tokenizer = load_tokenizer("assets/tiny_model")
@@ -222,13 +217,12 @@ def test_chains_batch_through_the_standard_iterator():
     assert batch["chosen_input_ids"].shape == batch["chosen_labels"].shape
     phrase = tokenizer(" A helpful answer:", add_special_tokens=False)["input_ids"]
     assert batch["prompt_input_ids"][:, -len(phrase):].tolist() == [phrase] * 4
-    assert OmegaConf.select(make_cfg(), "loss.inference_phrase") is None
+    assert OmegaConf.select(compose(COH), "loss.inference_phrase") is None
 
 
-def test_sampling_prompt_suffix_is_the_positive_phrase():
+def test_sampling_prompt_suffix_is_the_positive_phrase(compose):
     from harness.objectives import sampling_prompt_suffix
-    assert sampling_prompt_suffix(make_cfg()) == " A helpful answer:"
-    assert sampling_prompt_suffix(make_cfg("loss.feedback_set=qa")) == " A correct answer:"
-    assert sampling_prompt_suffix(make_cfg("loss.inference_phrase=' Best:'")) == " Best:"
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        assert sampling_prompt_suffix(compose(config_name="config")) == ""  # loss=sft
+    assert sampling_prompt_suffix(compose(COH)) == " A helpful answer:"
+    assert sampling_prompt_suffix(compose(COH, "loss.feedback_set=qa")) == " A correct answer:"
+    assert sampling_prompt_suffix(compose(COH, "loss.inference_phrase=' Best:'")) == " Best:"
+    assert sampling_prompt_suffix(compose("loss=sft")) == ""

@@ -8,7 +8,8 @@ import torch
 from harness.models.modeling import load_tokenizer
 from harness.data.pretraining_mix import PretrainStream, read_documents
 from harness.training.run_logging import read_metrics
-from test_train import evals, run
+
+pytestmark = pytest.mark.slow
 
 COH = ["loss=coh", "n_examples=32", "lr=1e-3", "seed=5"]
 
@@ -17,13 +18,17 @@ def train_rows(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r]
 
 
+def evals(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/eval" in r]
+
+
 def weights(run_dir):
     return torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)["state"]
 
 
 @pytest.fixture(scope="module")
-def plain_coh(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("coh"), *COH, "sample_during_eval=true",
+def plain_coh(tmp_path_factory, train_run):
+    return train_run(tmp_path_factory.mktemp("coh"), *COH, "sample_during_eval=true",
                "n_eval_model_samples=2")
 
 
@@ -39,15 +44,15 @@ def test_coh_end_to_end(plain_coh):
     assert len(samples) == 2 and all(isinstance(s["policy"], str) for s in samples)
 
 
-def test_pretraining_weight_zero_equals_plain_coh(tmp_path, plain_coh):
-    monitored = run(tmp_path / "w0", *COH, "loss.pt_data=toy", "loss.pt_loss_weight=0")
+def test_pretraining_weight_zero_equals_plain_coh(tmp_path, plain_coh, train_run):
+    monitored = train_run(tmp_path / "w0", *COH, "loss.pt_data=toy", "loss.pt_loss_weight=0")
     for a, b in zip(train_rows(plain_coh), train_rows(monitored)):
         assert a["loss/train"] == b["loss/train"] and a["grad_norm"] == b["grad_norm"]
         assert b["loss/pt_train"] > 0  # the pretraining loss is still measured and logged
     assert evals(plain_coh)[-1]["loss/eval"] == evals(monitored)[-1]["loss/eval"]
     for key, value in weights(plain_coh).items():
         assert torch.equal(value, weights(monitored)[key]), key
-    mixed = run(tmp_path / "w1", *COH, "loss.pt_data=toy", "loss.pt_loss_weight=1.0")
+    mixed = train_run(tmp_path / "w1", *COH, "loss.pt_data=toy", "loss.pt_loss_weight=1.0")
     a, b = train_rows(plain_coh)[0], train_rows(mixed)[0]
     assert b["loss/train"] == pytest.approx(b["loss/chain_train"] + b["loss/pt_train"], rel=1e-5)
     assert b["loss/chain_train"] == pytest.approx(a["loss/chain_train"], rel=1e-6)  # same data
@@ -55,17 +60,17 @@ def test_pretraining_weight_zero_equals_plain_coh(tmp_path, plain_coh):
                            weights(mixed)["model.norm.weight"])
 
 
-def test_fcm_in_training_leaves_eval_untouched(tmp_path, plain_coh):
-    fcm = run(tmp_path, *COH, "loss.fcm_min=0.1", "loss.fcm_max=0.2")
+def test_fcm_in_training_leaves_eval_untouched(tmp_path, plain_coh, train_run):
+    fcm = train_run(tmp_path, *COH, "loss.fcm_min=0.1", "loss.fcm_max=0.2")
     assert evals(fcm)[0]["loss/eval"] == evals(plain_coh)[0]["loss/eval"]  # before any step
     row = train_rows(fcm)[0]
     assert 0.1 <= row["fcm/drop_rate"] <= 0.2
     assert row["loss/train"] != train_rows(plain_coh)[0]["loss/train"]
 
 
-def test_unknown_phrase_set_fails_before_a_run_dir(tmp_path):
+def test_unknown_phrase_set_fails_before_a_run_dir(tmp_path, train_run):
     with pytest.raises(ValueError, match="dialogue"):
-        run(tmp_path, "loss=coh", "loss.feedback_set=dialog")
+        train_run(tmp_path, "loss=coh", "loss.feedback_set=dialog")
     assert not list(tmp_path.glob("toy_coh_*"))
 
 
@@ -100,20 +105,14 @@ def test_stream_is_unpacked_and_a_function_of_the_step():
     assert (a["chosen_labels"] == -100).eq(a["chosen_attention_mask"] == 0).all()
 
 
-def test_resume_is_exact_with_fcm_and_pretraining_mix(tmp_path):
+def test_resume_is_exact_with_fcm_and_pretraining_mix(tmp_path, train_run):
     """The FCM draws (global RNG, checkpointed) and the pretraining batches (a function of the
     step and micro-batch) repeat exactly after a resume."""
-    import train
-    from hydra import compose, initialize_config_dir
-    from test_train import CONFIG_DIR, FAST
     mix = [*COH, "loss.fcm_max=0.3", "loss.pt_data=toy", "loss.pt_loss_weight=0.5",
            "gradient_accumulation_steps=2", "save_every=32"]
-    full = run(tmp_path / "full", *mix, "n_examples=64")
-    half = run(tmp_path / "half", *mix, "n_examples=32")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"local_dirs=[{tmp_path}/half]", *FAST,
-                                                       *mix, f"resume={half}", "n_examples=64"])
-    train.run(cfg, ["n_examples=64"])
+    full = train_run(tmp_path / "full", *mix, "n_examples=64")
+    half = train_run(tmp_path / "half", *mix, "n_examples=32")
+    train_run(tmp_path / "half", *mix, f"resume={half}", "n_examples=64")
     expected, got = train_rows(full), train_rows(half)
     assert [r["step"] for r in got] == [16, 32, 48, 64]
     for e, g in zip(expected, got):

@@ -3,13 +3,11 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from train import check_config
 from harness.objectives import known_losses
 from harness.parallel.distributed import TRAINERS
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 MODEL_KEYS = {"name_or_path", "tokenizer_name_or_path", "archive", "block_name", "policy_dtype",
               "reference_dtype", "fsdp_policy_mp", "lora"}
 REFERENCE_KEYS = {
@@ -22,12 +20,8 @@ REFERENCE_KEYS = {
 
 
 def options(group):
-    return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml"))
-
-
-def make(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "config" / group)
+                  .glob("*.yaml"))
 
 
 def test_groups_have_the_promised_options():
@@ -38,16 +32,16 @@ def test_groups_have_the_promised_options():
             "mixtral"} <= set(options("model"))
 
 
-def test_default_config_has_every_reference_key_and_passes_checks():
-    cfg = make()
+def test_default_config_has_every_reference_key_and_passes_checks(compose):
+    cfg = compose()
     assert REFERENCE_KEYS <= set(cfg)
     assert set(cfg.wandb) == {"enabled", "entity", "project"}
     check_config(cfg)
 
 
 @pytest.mark.parametrize("model", options("model"))
-def test_every_model_composes(model):
-    cfg = make(f"model={model}", "model.name_or_path=x", "model.block_name=B")
+def test_every_model_composes(model, compose):
+    cfg = compose(f"model={model}", "model.name_or_path=x", "model.block_name=B")
     assert set(cfg.model) == MODEL_KEYS
     check_config(cfg)
 
@@ -64,8 +58,8 @@ LOSS_OVERRIDES = {"sft": ["loss.token_mean=true"], "dpo": ["loss.beta=0.1"],
 
 
 @pytest.mark.parametrize("loss", options("loss"))
-def test_every_loss_composes(loss):
-    cfg = make(f"loss={loss}", *LOSS_OVERRIDES[loss])
+def test_every_loss_composes(loss, compose):
+    cfg = compose(f"loss={loss}", *LOSS_OVERRIDES[loss])
     assert cfg.loss.name == loss
     check_config(cfg)
 
@@ -74,15 +68,15 @@ PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": []}
 
 
 @pytest.mark.parametrize("preset", options("preset"))
-def test_every_preset_composes(preset):
-    cfg = make(f"+preset={preset}", *PRESET_OVERRIDES[preset])
+def test_every_preset_composes(preset, compose):
+    cfg = compose(f"+preset={preset}", *PRESET_OVERRIDES[preset])
     assert cfg.loss.name == preset.split("_")[0]
     check_config(cfg)
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
-def test_every_trainer_composes(trainer):
-    cfg = make(f"trainer={trainer}", "model.lora.r=8" if trainer != "TensorParallelTrainer"
+def test_every_trainer_composes(trainer, compose):
+    cfg = compose(f"trainer={trainer}", "model.lora.r=8" if trainer != "TensorParallelTrainer"
                else "trainer.tp_size=2", "nproc_per_node=2")
     assert cfg.trainer.name == trainer
     check_config(cfg, world_size=1 if trainer == "BasicTrainer" else 2)
@@ -135,9 +129,9 @@ def test_every_trainer_composes(trainer):
     (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
     (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),
 ])
-def test_bad_config_is_named(overrides, message):
+def test_bad_config_is_named(overrides, message, compose):
     with pytest.raises(ValueError, match=message):
-        check_config(make(*overrides), overrides=overrides)
+        check_config(compose(*overrides), overrides=overrides)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -149,15 +143,15 @@ def test_bad_config_is_named(overrides, message):
      "minimum_log_interval_secs=5"],
     ["trainer=FSDPTrainer", "nproc_per_node=2", "fsdp_port=12355"],
 ])
-def test_options_the_run_reads_are_accepted(overrides):
-    check_config(make(*overrides), world_size=1, overrides=overrides)
+def test_options_the_run_reads_are_accepted(overrides, compose):
+    check_config(compose(*overrides), world_size=1, overrides=overrides)
 
 
-def test_reference_command_lines_compose():
-    make("model=blank_model", "model.name_or_path=PATH", "model.block_name=LlamaDecoderLayer",
+def test_reference_command_lines_compose(compose):
+    compose("model=blank_model", "model.name_or_path=PATH", "model.block_name=LlamaDecoderLayer",
          "datasets=[hh,shp]", "loss=sft", "exp_name=x", "gradient_accumulation_steps=2",
          "batch_size=64", "eval_batch_size=32", "trainer=BasicTrainer", "sample_during_eval=false")
-    make("model=pythia28", "datasets=[hh]", "loss=dpo", "loss.beta=0.1",
+    compose("model=pythia28", "datasets=[hh]", "loss=dpo", "loss.beta=0.1",
          "model.archive=RUN/LATEST/policy.pt", "exp_name=y")
-    make("loss=dpo", "loss.beta=0.05", "prefs_path=annotations.json", "datasets=[sharegpt]",
+    compose("loss=dpo", "loss.beta=0.05", "prefs_path=annotations.json", "datasets=[sharegpt]",
          "save_every=epoch_1", "n_epochs=3", "data_fraction=0.1")

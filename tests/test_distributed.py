@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
 from harness.training.run_logging import read_metrics
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(ROOT / "config")
 # 2 optimizer steps of 8 examples in 2 micro-batches; 9 eval examples, so the last eval batch
 # (1 example) leaves rank 1 without a real one; a checkpoint after each step
 COMMON = ["wandb.enabled=false", "data_fraction=0.02", "n_examples=16", "batch_size=8",
@@ -29,13 +28,6 @@ COMPARED = ("loss/train", "loss/eval", "grad_norm", "rewards_train/margins",
 
 def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def in_process(base: Path, name: str, *overrides) -> Path:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"local_dirs=[{base}]", f"exp_name={name}",
-                                                       *COMMON, *overrides])
-    return Path(train.run(cfg))
 
 
 def launch(base: Path, name: str, *overrides, torchrun: bool = True) -> Path:
@@ -70,7 +62,10 @@ def assert_same_run(expected: Path, got: Path, rtol=1e-4, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, train_run):
+    def in_process(base: Path, name: str, *overrides) -> Path:
+        return train_run(base, f"exp_name={name}", *COMMON, *overrides, fast=[])
+
     base = tmp_path_factory.mktemp("dist")
     return {
         "sft": in_process(base, "sft1"),
@@ -107,7 +102,7 @@ def test_distributed_checkpoint_layout(runs):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_sharded_resume_on_one_and_two_ranks(runs, ranks):
+def test_sharded_resume_on_one_and_two_ranks(runs, ranks, train_run):
     """Resume the 2-rank FSDP run from its first checkpoint (as after a kill there) on 1 or 2
     ranks: the rest of the run matches the uninterrupted one."""
     full = runs["sft_fsdp"]
@@ -117,9 +112,7 @@ def test_sharded_resume_on_one_and_two_ranks(runs, ranks):
     os.remove(killed / "LATEST")
     os.symlink("step-8", killed / "LATEST")
     if ranks == 1:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"resume={killed}"])
-        train.run(cfg, [f"resume={killed}"])
+        train_run(killed.parent, f"resume={killed}", fast=[])
     else:
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node", "2", str(ROOT / "train.py"), f"resume={killed}"],

@@ -107,6 +107,7 @@ def run_script(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(sft_checkpoint):
     """JSON next to the checkpoint, one stdout line, deterministic for a fixed seed; the
     reference defaults to the run's base model."""
@@ -135,6 +136,7 @@ def test_policy_against_itself(tmp_path):
     assert result["win_rate"] == 0.5 and result["gold_reward"] == result["reference_gold_reward"]
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_named(tmp_path, sft_checkpoint):
     out = run_script(str(tmp_path / "missing.pt"), "--reference", TINY)
     assert out.returncode != 0 and "does not exist" in out.stderr

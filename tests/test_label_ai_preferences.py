@@ -75,6 +75,7 @@ def test_gold_judge_labels_without_a_server(tmp_path):
     assert summary["win_rate_output_2"]["n"] == 20 and summary["cost_usd"] == 0
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_permanent_failures_listed(tmp_path):
     samples = write_samples(tmp_path / "s.jsonl", 5)
     broken = next(json.loads(x)["instruction"] for x in open(samples))
@@ -126,6 +127,7 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_loses_duplicates_and_relabels_nothing(tmp_path):
     samples = write_samples(tmp_path / "s.jsonl", 20)
     results = tmp_path / "out" / "results.jsonl"
@@ -158,16 +160,10 @@ def test_sigkill_mid_run_then_restart_loses_duplicates_and_relabels_nothing(tmp_
                for r in json.loads((tmp_path / "out" / "annotations.json").read_text())) == 20
 
 
-def test_reward_model_checkpoint_labels_by_its_scores(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    import train
+@pytest.mark.slow
+def test_reward_model_checkpoint_labels_by_its_scores(tmp_path, train_run):
     from harness.models.reward_model import RewardFunction
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"local_dirs=[{tmp_path}]", "loss=reward", "n_examples=32", "batch_size=16",
-            "n_eval_examples=16", "wandb.enabled=false", "eval_every=1000000"])
-    run_dir = train.run(cfg)
+    run_dir = train_run(tmp_path, "loss=reward", "n_examples=32", "n_eval_examples=16")
     samples = write_samples(tmp_path / "s.jsonl", 8)
     label([samples], tmp_path / "out", "--judge", f"reward_model:{run_dir}")
     rows = json.loads((tmp_path / "out" / "annotations.json").read_text())

@@ -1,37 +1,30 @@
 """LoRA in one process: a killed LoRA run resumes from its adapter checkpoint exactly."""
 
+import pytest
 import os
 import shutil
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
 from harness.training.run_logging import read_metrics
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
+pytestmark = pytest.mark.slow
+
 COMMON = ["wandb.enabled=false", "data_fraction=0.02", "n_examples=16", "batch_size=8",
           "n_eval_examples=8", "eval_every=16", "save_every=8", "sample_during_eval=false",
           "max_length=64", "max_prompt_length=32", "lr=1e-2", "model.lora.r=4",
           "model.lora.alpha=8", "model.lora.dropout=0.1", "loss=dpo", "loss.beta=0.1"]
 
 
-def run(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return Path(train.run(cfg, overrides))
-
-
-def test_lora_resume_matches_uninterrupted_run(tmp_path):
-    full = run([f"local_dirs=[{tmp_path}]", *COMMON])
+def test_lora_resume_matches_uninterrupted_run(tmp_path, train_run):
+    full = train_run(tmp_path, *COMMON, fast=[])
     assert (full / "step-8" / "adapter" / "adapter_config.json").exists()
     killed = tmp_path / "killed" / full.name
     shutil.copytree(full, killed, symlinks=True)
     shutil.rmtree(killed / "step-16")
     os.remove(killed / "LATEST")
     os.symlink("step-8", killed / "LATEST")
-    run([f"resume={killed}"])
+    train_run(tmp_path, f"resume={killed}", fast=[])
     for a, b in zip(read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")):
         assert a == b or all(abs(a[k] - b[k]) < 1e-5 for k in a if "per_second" not in k)
     wa = torch.load(full / "LATEST" / "policy.pt", weights_only=True)["state"]

@@ -92,6 +92,7 @@ def test_packed_logps_and_grads_equal_padded(toy_pairs, attn, prefix_sharing, ro
         torch.testing.assert_close(g[k], g_ref[k], atol=5e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_sft_packing_and_flex_attention_mask(toy_pairs):
     sft = {k: v for k, v in toy_pairs.items() if k.startswith("chosen")}
     with torch.no_grad():
@@ -108,6 +109,7 @@ def test_sft_packing_and_flex_attention_mask(toy_pairs):
                                    packed_sequence_logps(sdpa, shared)[0], atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_logps_and_grads(toy_pairs):
     model = AutoModelForCausalLM.from_pretrained(TINY)
     packed = pack(toy_pairs, True, True, 0, PAD)
@@ -142,12 +144,12 @@ def test_fused_optimizer_matches_foreach():
     assert not params[True][0].equal(torch.zeros(4, 3))
 
 
-def test_dpo_run_with_levers_matches_plain_run(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_dpo_run_with_levers_matches_plain_run(tmp_path, monkeypatch, train_run):
     """Same data, same steps: the eval and train metrics of a packed, prefix-shared DPO run, and
     of one split into micro-batches by a token budget, equal the plain run's (losses, rewards,
     log-probs), step for step."""
     import trainers
-    from tests.test_train import run
     from harness.training.run_logging import read_metrics
     splits = []
     split = trainers.split_by_tokens
@@ -159,7 +161,7 @@ def test_dpo_run_with_levers_matches_plain_run(tmp_path, monkeypatch):
     for name, levers in {"plain": [], "fast": ["packing=true", "prefix_sharing=true",
                                                "fused_optimizer=true", "pack_length=300"],
                          "budget": ["micro_batch_tokens=200"]}.items():
-        run_dir = run(tmp_path / name, *common, *levers)
+        run_dir = train_run(tmp_path / name, *common, *levers)
         rows[name] = read_metrics(run_dir / "metrics.jsonl")
     # the budget split some batches (4 pairs each) and kept others whole
     # three batches of 16 pairs, split where lengths say: 2 long pairs or 3 shorter ones per
@@ -231,14 +233,13 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_stays_close(toy_pairs):
     assert cos > 0.99
 
 
-def test_amp_run_end_to_end(tmp_path):
-    from tests.test_train import run
+@pytest.mark.slow
+def test_amp_run_end_to_end(tmp_path, train_run, compose):
     from harness.training.run_logging import read_metrics
     from train import check_config
-    from tests.test_config import make
     with pytest.raises(ValueError, match="amp_dtype='fp8'"):
-        check_config(make("amp_dtype=fp8"))
-    run_dir = run(tmp_path, "amp_dtype=bfloat16", "packing=true", "n_examples=32")
+        check_config(compose("amp_dtype=fp8"))
+    run_dir = train_run(tmp_path, "amp_dtype=bfloat16", "packing=true", "n_examples=32")
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r["loss/eval"] for r in rows if "loss/eval" in r]
     assert len(evals) == 2 and all(0 < v < 100 for v in evals)
@@ -246,13 +247,13 @@ def test_amp_run_end_to_end(tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32
 
 
-def test_coh_chains_pack_exactly_and_fcm_refuses_packing(tmp_path):
+@pytest.mark.slow
+def test_coh_chains_pack_exactly_and_fcm_refuses_packing(tmp_path, train_run):
     """CoH chains alternate trained answers with untrained feedback phrases: packed, their
     metrics equal the padded run's; FCM's own 4-D mask cannot be packed, and says so."""
-    from tests.test_train import run
     from harness.training.run_logging import read_metrics
     common = ["loss=coh", "n_examples=32", "eval_every=16", "minimum_log_interval_secs=0"]
-    rows = {name: read_metrics(run(tmp_path / name, *common, *extra) / "metrics.jsonl")
+    rows = {name: read_metrics(train_run(tmp_path / name, *common, *extra) / "metrics.jsonl")
             for name, extra in {"plain": [], "packed": ["packing=true"]}.items()}
     keys = [k for k in rows["plain"][-1] if k.startswith(("loss/", "logps_"))]
     assert keys and len(rows["plain"]) == len(rows["packed"])
@@ -261,4 +262,4 @@ def test_coh_chains_pack_exactly_and_fcm_refuses_packing(tmp_path):
             if key in plain:
                 assert packed[key] == pytest.approx(plain[key], abs=2e-4, rel=1e-4), key
     with pytest.raises(ValueError, match="loss.fcm_max=0"):
-        run(tmp_path / "fcm", *common, "packing=true", "loss.fcm_max=0.15")
+        train_run(tmp_path / "fcm", *common, "packing=true", "loss.fcm_max=0.15")

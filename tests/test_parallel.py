@@ -5,19 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.parallel import distributed, parallelize
 from harness.models import lora
 from train import check_config
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
-
-
-def make(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +20,17 @@ def model():
     return LlamaForCausalLM(cfg)
 
 
-def test_batch_that_ranks_do_not_divide_names_the_numbers():
-    cfg = make("trainer=FSDPTrainer", "batch_size=6", "gradient_accumulation_steps=2")
+def test_batch_that_ranks_do_not_divide_names_the_numbers(compose):
+    cfg = compose("trainer=FSDPTrainer", "batch_size=6", "gradient_accumulation_steps=2")
     check_config(cfg, world_size=1)
     with pytest.raises(ValueError, match=r"batch_size=6 .* gradient_accumulation_steps=2 x 2 "
                                          r"data-parallel rank\(s\) = 4.*e\.g\. 8"):
         check_config(cfg, world_size=2)
     # tensor-parallel ranks share the same examples: only the data-parallel ones divide the batch
-    check_config(make("trainer=TensorParallelTrainer", "batch_size=6",
+    check_config(compose("trainer=TensorParallelTrainer", "batch_size=6",
                       "gradient_accumulation_steps=2"), world_size=2)
     with pytest.raises(ValueError, match="tp_size=2 does not divide the 3 ranks"):
-        check_config(make("trainer=TensorParallelTrainer", "trainer.tp_size=2"), world_size=3)
+        check_config(compose("trainer=TensorParallelTrainer", "trainer.tp_size=2"), world_size=3)
 
 
 def test_unknown_block_name_lists_the_blocks(model):
@@ -56,17 +49,17 @@ def test_tp_degree_must_divide_heads(model):
                                             "model.layers.*.mlp.down_proj"}
 
 
-def test_processes_to_spawn(monkeypatch):
+def test_processes_to_spawn(monkeypatch, compose):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    assert distributed.processes_to_spawn(make("trainer=FSDPTrainer", "nproc_per_node=3")) == 3
-    assert distributed.processes_to_spawn(make("nproc_per_node=3")) == 0  # BasicTrainer
-    assert distributed.processes_to_spawn(make("trainer=FSDPTrainer")) == \
+    assert distributed.processes_to_spawn(compose("trainer=FSDPTrainer", "nproc_per_node=3")) == 3
+    assert distributed.processes_to_spawn(compose("nproc_per_node=3")) == 0  # BasicTrainer
+    assert distributed.processes_to_spawn(compose("trainer=FSDPTrainer")) == \
         (torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert distributed.processes_to_spawn(make("trainer=FSDPTrainer", "nproc_per_node=3")) == 0
-    assert distributed.planned_world_size(make("trainer=FSDPTrainer")) == 2
+    assert distributed.processes_to_spawn(compose("trainer=FSDPTrainer", "nproc_per_node=3")) == 0
+    assert distributed.planned_world_size(compose("trainer=FSDPTrainer")) == 2
 
 
 def test_shard_batch_shares_and_stand_in():
@@ -89,21 +82,21 @@ def test_clip_grad_norm_matches_torch():
     torch.testing.assert_close(b.grad, torch.tensor([0.0, 0.8]), atol=1e-6, rtol=0)
 
 
-def test_merged_state_by_hand():
+def test_merged_state_by_hand(compose):
     """W + (alpha / r) B A with r=1, alpha=2: [[1, 0], [0, 1]] + 2 * [[1], [2]] @ [[3, 4]]."""
     p = "base_model.model.layer"
     state = {f"{p}.base_layer.weight": torch.eye(2), f"{p}.base_layer.bias": torch.ones(2),
              f"{p}.lora_A.default.weight": torch.tensor([[3.0, 4.0]]),
              f"{p}.lora_B.default.weight": torch.tensor([[1.0], [2.0]]),
              "base_model.model.other.weight": torch.zeros(1)}
-    merged = lora.merged_state(state, make("model.lora.r=1", "model.lora.alpha=2").model.lora)
+    merged = lora.merged_state(state, compose("model.lora.r=1", "model.lora.alpha=2").model.lora)
     assert set(merged) == {"layer.weight", "layer.bias", "other.weight"}
     torch.testing.assert_close(merged["layer.weight"], torch.tensor([[7.0, 8.0], [12.0, 17.0]]))
     torch.testing.assert_close(merged["layer.bias"], torch.ones(2))
 
 
-def test_lora_reference_is_the_base_model(model):
-    policy = lora.apply_lora(LlamaForCausalLM(model.config), make("model.lora.r=2").model.lora)
+def test_lora_reference_is_the_base_model(model, compose):
+    policy = lora.apply_lora(LlamaForCausalLM(model.config), compose("model.lora.r=2").model.lora)
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p)  # adapters that change the output
@@ -116,9 +109,10 @@ def test_lora_reference_is_the_base_model(model):
         assert not torch.allclose(adapted, off)
     assert all(not p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
     with pytest.raises(ValueError, match="model.lora.r=0"):
-        lora.apply_lora(LlamaForCausalLM(model.config), make("model.lora.r=0").model.lora)
+        lora.apply_lora(LlamaForCausalLM(model.config), compose("model.lora.r=0").model.lora)
 
 
+@pytest.mark.slow
 def test_self_launch_checks_the_batch_before_starting_processes(tmp_path):
     """`python train.py trainer=FSDPTrainer nproc_per_node=2` with a batch 2 ranks cannot split
     fails at once, naming the numbers, and no process, run dir or model is started."""

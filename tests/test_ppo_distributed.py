@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import train
 from harness.models.generation import SamplingConfig, sample
@@ -19,8 +18,9 @@ from harness.models.modeling import load_model, load_tokenizer
 from harness.rl.ppo import rollout_seed
 from harness.training.run_logging import read_metrics
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(ROOT / "config")
 # 2 rollouts of 16 prompts, minibatches of 8 (4 per rank), a checkpoint after each rollout;
 # 9 eval prompts in batches of 8, so in the last one rank 1 only has a stand-in row
 COMMON = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2",
@@ -28,16 +28,6 @@ COMMON = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epoch
           "n_eval_model_samples=8", "loss.gold_reward=toy", "lr=1e-3", "warmup_steps=0",
           "n_examples=32", "save_every=16", "wandb.enabled=false"]
 LORA = ["model.lora.r=4", "model.lora.alpha=8", "lr=1e-2"]
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-def in_process(base: Path, name: str, *overrides) -> Path:
-    overrides = [f"local_dirs=[{base}]", f"exp_name={name}", *overrides]
-    return Path(train.run(compose_cfg(*overrides), overrides))
 
 
 def two_ranks(base: Path, name: str, *overrides, torchrun: bool = True) -> Path:
@@ -55,7 +45,10 @@ def two_ranks(base: Path, name: str, *overrides, torchrun: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, train_run):
+    def in_process(base: Path, name: str, *overrides) -> Path:
+        return train_run(base, f"exp_name={name}", *overrides, fast=[])
+
     base = tmp_path_factory.mktemp("ppo_dist")
     rm = in_process(base, "rm", "loss=reward", "n_examples=64", "batch_size=16",
                     "n_eval_examples=32", "sample_during_eval=false", "wandb.enabled=false")
@@ -117,7 +110,7 @@ def test_ranks_finish_generating_at_different_steps(runs):
     assert steps[1] < steps[0] <= 16
 
 
-def test_sharded_ppo_checkpoint_resumes_on_one_rank(runs):
+def test_sharded_ppo_checkpoint_resumes_on_one_rank(runs, train_run):
     """The 2-rank FSDP run cut back to its first checkpoint (as if killed there) and resumed in
     one process from its sharded/ state continues as the uninterrupted run did."""
     full = runs["fsdp"]
@@ -127,18 +120,18 @@ def test_sharded_ppo_checkpoint_resumes_on_one_rank(runs):
     shutil.rmtree(killed / "step-32")
     os.remove(killed / "LATEST")
     os.symlink("step-16", killed / "LATEST")
-    train.run(compose_cfg(f"resume={killed}"), [f"resume={killed}"])
+    train_run(killed.parent, f"resume={killed}", fast=[])
     assert_same_run(full, killed)
 
 
-def test_ranks_must_divide_the_minibatch():
-    cfg = compose_cfg("loss=ppo", "loss.reward_model=R", "trainer=FSDPTrainer",
+def test_ranks_must_divide_the_minibatch(compose):
+    cfg = compose("loss=ppo", "loss.reward_model=R", "trainer=FSDPTrainer",
                       "batch_size=12", "loss.mini_batch_size=6")
     train.check_config(cfg, world_size=2)
     with pytest.raises(ValueError, match=r"mini_batch_size=6 must be a multiple of the 4 "
                                          "data-parallel ranks"):
         train.check_config(cfg, world_size=4)
     # tensor-parallel ranks share their rows: 4 ranks in groups of 2 are 2 data-parallel ranks
-    train.check_config(compose_cfg("loss=ppo", "loss.reward_model=R", "batch_size=12",
+    train.check_config(compose("loss=ppo", "loss.reward_model=R", "batch_size=12",
                                    "loss.mini_batch_size=6", "trainer=TensorParallelTrainer",
                                    "trainer.tp_size=2"), world_size=4)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
 from harness.models import lora
 from harness.rl import ppo
 from harness.models.modeling import last_token_index, load_model, load_tokenizer
@@ -21,16 +19,6 @@ from harness.objectives.reward import to_ratings
 from harness.training.run_logging import read_metrics
 from harness.data.toy_task import all_prompts, parse_request
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
-FAST = ["wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
-        "eval_every=1000000"]
-
-
-def run(tmp_path, *overrides):
-    overrides = [f"local_dirs=[{tmp_path}]", *FAST, *overrides]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return Path(train.run(cfg, overrides))
 
 
 def test_last_token_index_left_and_right_padding():
@@ -79,14 +67,15 @@ def _sentiment_pairs(path: Path, n: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
+def reward_run(tmp_path_factory, train_run):
     tmp = tmp_path_factory.mktemp("rm")
     _sentiment_pairs(tmp / "pairs.jsonl", 1200, seed=0)
     # json data is split by prompt hash: ~5% of the prompts are held out as the test split
-    return run(tmp, "loss=reward", f"datasets=[json:{tmp / 'pairs.jsonl'}]", "n_epochs=2",
+    return train_run(tmp, "loss=reward", f"datasets=[json:{tmp / 'pairs.jsonl'}]", "n_epochs=2",
                "batch_size=16", "lr=1e-3", "n_eval_examples=64", "do_first_eval=true")
 
 
+@pytest.mark.slow
 def test_reward_training_beats_chance_on_heldout_pairs(reward_run):
     evals = [r for r in read_metrics(reward_run / "metrics.jsonl") if "loss/eval" in r]
     assert evals[-1]["rewards_eval/accuracies"] >= 0.9
@@ -96,6 +85,7 @@ def test_reward_training_beats_chance_on_heldout_pairs(reward_run):
     assert meta["reward_std"] > 0 and meta["n_heldout_pairs"] > 20
 
 
+@pytest.mark.slow
 def test_reward_checkpoint_loads_back_as_a_reward_function(reward_run):
     fn = RewardFunction(reward_run)  # a run dir: its LATEST checkpoint
     prompt = "\n\nHuman: Tell Anna something positive about the cafe.\n\nAssistant:"
@@ -107,8 +97,9 @@ def test_reward_checkpoint_loads_back_as_a_reward_function(reward_run):
         (good - meta["reward_mean"]) / meta["reward_std"], rel=1e-4)
 
 
-def test_binned_head_trains_on_absolute_ratings(tmp_path):
-    run_dir = run(tmp_path, "loss=reward", "loss.n_bins=5", "loss.rating_source=toy",
+@pytest.mark.slow
+def test_binned_head_trains_on_absolute_ratings(tmp_path, train_run):
+    run_dir = train_run(tmp_path, "loss=reward", "loss.n_bins=5", "loss.rating_source=toy",
                   "n_examples=64", "batch_size=16", "n_eval_examples=32")
     last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss/eval" in r][-1]
     assert 1.0 <= last["rewards_eval/chosen"] <= 5.0 and last["loss/eval"] > 0
@@ -119,6 +110,7 @@ def test_binned_head_trains_on_absolute_ratings(tmp_path):
     assert 1.0 <= reward <= 5.0  # the expected rating
 
 
+@pytest.mark.slow
 def test_reward_tokenizer_mismatch_is_refused(reward_run):
     _, tok, meta = load_reward_model(reward_run)
     check_same_tokenizer(meta, tok, "here")
@@ -127,11 +119,12 @@ def test_reward_tokenizer_mismatch_is_refused(reward_run):
         check_same_tokenizer(meta, tok, "loss.reward_model")
 
 
-def test_not_a_reward_checkpoint_says_how_to_train_one(tmp_path):
+@pytest.mark.slow
+def test_not_a_reward_checkpoint_says_how_to_train_one(tmp_path, train_run):
     with pytest.raises(FileNotFoundError, match="loss=reward"):
         load_reward_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="loss=reward"):  # before any model loads
-        run(tmp_path, "loss=ppo", f"loss.reward_model={tmp_path}/missing")
+        train_run(tmp_path, "loss=ppo", f"loss.reward_model={tmp_path}/missing")
 
 
 PPO = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2",
@@ -139,8 +132,9 @@ PPO = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2
        "warmup_steps=0"]
 
 
-def test_short_ppo_run_end_to_end(tmp_path, reward_run):
-    run_dir = run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "n_examples=32",
+@pytest.mark.slow
+def test_short_ppo_run_end_to_end(tmp_path, reward_run, train_run):
+    run_dir = train_run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "n_examples=32",
                   "loss.adaptive_kl=true", "loss.kl_target=0.1", "loss.kl_horizon=100")
     rows = read_metrics(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss/policy" in r]
@@ -164,12 +158,13 @@ def test_short_ppo_run_end_to_end(tmp_path, reward_run):
     assert state["step_idx"] == 32 and "lm_head.weight" in state["state"]
 
 
-def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run):
+@pytest.mark.slow
+def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run, train_run):
     common = [*PPO, f"loss.reward_model={reward_run}", "do_first_eval=false",
               "loss.max_new_tokens=8"]
-    whole = run(tmp_path / "a", *common, "n_examples=32")
-    first = run(tmp_path / "b", *common, "n_examples=16")
-    resumed = run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    whole = train_run(tmp_path / "a", *common, "n_examples=32")
+    first = train_run(tmp_path / "b", *common, "n_examples=16")
+    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32")
     assert resumed == first
     train_rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
     a, b = train_rows(whole), train_rows(resumed)
@@ -178,12 +173,11 @@ def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-6), key
 
 
-def _trainer(tmp_path, reward_run, *overrides):
+def _trainer(compose, tmp_path, reward_run, *overrides):
     """A PPOTrainer built as train.py builds it (LoRA: the reference is the policy itself)."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"local_dirs=[{tmp_path}]", f"local_run_dir={tmp_path}/run", *FAST, *PPO,
-            f"loss.reward_model={reward_run}", *overrides])
+    cfg = compose(f"local_dirs=[{tmp_path}]", f"local_run_dir={tmp_path}/run",
+                  "wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
+                  "eval_every=1000000", *PPO, f"loss.reward_model={reward_run}", *overrides)
     (tmp_path / "run").mkdir()
     policy = load_model("assets/tiny_model", "float32")
     if lora.enabled(cfg.model):
@@ -194,8 +188,9 @@ def _trainer(tmp_path, reward_run, *overrides):
                           reference)
 
 
-def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, reward_run):
-    trainer = _trainer(tmp_path, reward_run)
+@pytest.mark.slow
+def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, reward_run, compose):
+    trainer = _trainer(compose, tmp_path, reward_run)
     for (name, a), b in zip(trainer.critic.state_dict().items(),
                             trainer.reward_model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -203,9 +198,10 @@ def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, rewa
                    for m in model.modules())
 
 
-def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch):
+@pytest.mark.slow
+def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch, compose):
     import harness.rl.rollout
-    trainer = _trainer(tmp_path, reward_run, "n_examples=16", "do_first_eval=false")
+    trainer = _trainer(compose, tmp_path, reward_run, "n_examples=16", "do_first_eval=false")
     monkeypatch.setattr(harness.rl.rollout, "score", lambda model, batch: torch.full(
         (batch.input_ids.shape[0],), float("nan")))
     with pytest.raises(ppo.TrainingDiverged, match=r"rewards_train/score=nan"):
@@ -222,6 +218,7 @@ def _evaluate_script():
     return evaluate
 
 
+@pytest.mark.slow
 def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
     evaluate = _evaluate_script()
     (result,) = evaluate.main(["assets/tiny_model", "--reference", "assets/tiny_model",
@@ -236,10 +233,11 @@ def test_evaluate_scores_with_a_reward_checkpoint(tmp_path, reward_run):
 LORA = ["model.lora.r=4", "model.lora.alpha=8", "lr=1e-2"]
 
 
-def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run):
+@pytest.mark.slow
+def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run, compose):
     """With model.lora the actor and critic train adapters (and the critic its value head) only;
     the reference is the base model and the reward model the original, even after training."""
-    trainer = _trainer(tmp_path, reward_run, *LORA)
+    trainer = _trainer(compose, tmp_path, reward_run, *LORA)
     trained = {name: [k for k, p in model.named_parameters() if p.requires_grad]
                for name, model in trainer.models.trained.items()}
     assert trained["policy"] and all("lora_" in k for k in trained["policy"])
@@ -265,7 +263,8 @@ def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run):
     assert trainer.reward_model is trainer.critic and trainer.reference is trainer.policy
 
 
-def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run):
+@pytest.mark.slow
+def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run, train_run):
     """A LoRA PPO run from an SFT-like archive: resumed from its first checkpoint it matches the
     uninterrupted run (the base is model.archive again, the adapters and value head come back);
     policy.pt and hf/ hold the merged actor, which evaluate.py loads."""
@@ -278,9 +277,9 @@ def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run):
     torch.save({"step_idx": 0, "state": archive}, tmp_path / "sft.pt")
     common = [*PPO, *LORA, f"loss.reward_model={reward_run}", "do_first_eval=false",
               "loss.max_new_tokens=8", f"model.archive={tmp_path / 'sft.pt'}"]
-    whole = run(tmp_path / "a", *common, "n_examples=32", "export_hf=true")
-    first = run(tmp_path / "b", *common, "n_examples=16")
-    resumed = run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    whole = train_run(tmp_path / "a", *common, "n_examples=32", "export_hf=true")
+    first = train_run(tmp_path / "b", *common, "n_examples=16")
+    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32")
     rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
     a, b = rows(whole), rows(resumed)
     assert [r["step"] for r in b] == [16, 32]
@@ -306,10 +305,11 @@ def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run):
     assert len(result["examples"]) == 4 and "gold_reward" in result
 
 
-def test_ppo_saves_every_n_epochs(tmp_path, reward_run):
+@pytest.mark.slow
+def test_ppo_saves_every_n_epochs(tmp_path, reward_run, train_run):
     """save_every=epoch_2 with 16 prompts per epoch: epoch-2/ after the 2nd epoch, then the
     final checkpoint after the 3rd (no epoch-1, no step checkpoints in between)."""
-    run_dir = run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "data_fraction=0.01",
+    run_dir = train_run(tmp_path, *PPO, f"loss.reward_model={reward_run}", "data_fraction=0.01",
                   "n_epochs=3", "save_every=epoch_2", "loss.max_new_tokens=8",
                   "do_first_eval=false")
     assert sorted(p.name for p in run_dir.glob("*-*")) == ["epoch-2", "step-48"]

@@ -18,6 +18,8 @@ from harness.evaluation.sweep_summary import collect, to_csv, to_markdown
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import summarize_runs  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def test_run_dirs_never_clash_within_one_microsecond(tmp_path, monkeypatch):
     """Even with the clock frozen (jobs starting in the same microsecond), every caller gets

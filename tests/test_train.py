@@ -2,26 +2,15 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
 from harness import checkpoints
 from harness.training.run_logging import read_metrics
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
-FAST = ["wandb.enabled=false", "n_eval_examples=32", "eval_batch_size=32", "batch_size=16",
-        "sample_during_eval=false", "eval_every=1000000"]
+pytestmark = pytest.mark.slow
 
-
-def run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=[f"local_dirs=[{tmp_path}]", *FAST, *overrides])
-    return Path(train.run(cfg))
 
 
 def evals(run_dir):
@@ -29,8 +18,8 @@ def evals(run_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("sft"), "n_examples=64", "sample_during_eval=true",
+def sft_run(tmp_path_factory, train_run):
+    return train_run(tmp_path_factory.mktemp("sft"), "n_examples=64", "sample_during_eval=true",
                "n_eval_model_samples=4", "save_every=32")
 
 
@@ -56,8 +45,8 @@ def test_sft_run_dir(sft_run):
     (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=0.2"], math.log(2)),
     (["loss=ipo", "loss.beta=0.5"], 1.0),                                 # (0 - 1/(2*0.5))^2
 ])
-def test_preference_losses_start_from_the_reference(tmp_path, sft_run, loss, expected_first_eval_loss):
-    run_dir = run(tmp_path, *loss, f"model.archive={sft_run}/LATEST/policy.pt", "n_examples=32",
+def test_preference_losses_start_from_the_reference(tmp_path, sft_run, loss, expected_first_eval_loss, train_run):
+    run_dir = train_run(tmp_path, *loss, f"model.archive={sft_run}/LATEST/policy.pt", "n_examples=32",
                   "lr=1e-4")
     first, last = evals(run_dir)[0], evals(run_dir)[-1]
     assert first["loss/eval"] == pytest.approx(expected_first_eval_loss, abs=1e-5)
@@ -67,27 +56,27 @@ def test_preference_losses_start_from_the_reference(tmp_path, sft_run, loss, exp
         read_metrics(run_dir / "metrics.jsonl")[1])
 
 
-def test_precomputed_reference_equals_reference_in_memory(tmp_path, sft_run):
+def test_precomputed_reference_equals_reference_in_memory(tmp_path, sft_run, train_run):
     common = ["loss=dpo", "loss.beta=0.1", f"model.archive={sft_run}/LATEST/policy.pt",
               "n_examples=32", "lr=1e-4", "seed=3"]
-    cached = run(tmp_path / "a", *common, "precompute_reference=true")
+    cached = train_run(tmp_path / "a", *common, "precompute_reference=true")
     assert len(list((tmp_path / "a" / "reference_logps").glob("*.pt"))) == 1
-    live = run(tmp_path / "b", *common, "precompute_reference=false")
+    live = train_run(tmp_path / "b", *common, "precompute_reference=false")
     for a, b in zip(read_metrics(cached / "metrics.jsonl"), read_metrics(live / "metrics.jsonl")):
         for key in ("loss/train", "loss/eval", "rewards_train/margins"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
 
 
-def test_reference_free_dpo_runs_without_reference(tmp_path, sft_run):
-    run_dir = run(tmp_path, "loss=dpo", "loss.beta=0.1", "loss.reference_free=true",
+def test_reference_free_dpo_runs_without_reference(tmp_path, sft_run, train_run):
+    run_dir = train_run(tmp_path, "loss=dpo", "loss.beta=0.1", "loss.reference_free=true",
                   f"model.archive={sft_run}/LATEST/policy.pt", "n_examples=16")
     assert not (tmp_path / "reference_logps").exists()
     assert evals(run_dir)[0]["loss/eval"] != pytest.approx(math.log(2))
 
 
-def test_epoch_checkpoints_and_hf_export(tmp_path):
-    run_dir = run(tmp_path, "data_fraction=0.02", "n_epochs=2", "save_every=epoch_1",
+def test_epoch_checkpoints_and_hf_export(tmp_path, train_run):
+    run_dir = train_run(tmp_path, "data_fraction=0.02", "n_epochs=2", "save_every=epoch_1",
                   "export_hf=true")
     assert {p.name for p in run_dir.glob("epoch-*")} == {"epoch-1", "epoch-2"}
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,17 +86,17 @@ def test_epoch_checkpoints_and_hf_export(tmp_path):
     torch.testing.assert_close(model.state_dict()["model.norm.weight"], saved["model.norm.weight"])
 
 
-def test_missing_model_dir_fails_before_loading(tmp_path):
+def test_missing_model_dir_fails_before_loading(tmp_path, train_run):
     with pytest.raises(FileNotFoundError, match="model.name_or_path"):
-        run(tmp_path, f"model.name_or_path={tmp_path}/no_model")
+        train_run(tmp_path, f"model.name_or_path={tmp_path}/no_model")
     assert not list(tmp_path.glob("toy_sft_*"))  # no run dir was made for a run that never started
 
 
-def test_empty_data_is_a_clear_error(tmp_path):
+def test_empty_data_is_a_clear_error(tmp_path, train_run):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty|no examples|No examples"):
-        run(tmp_path, f"datasets=[json:{empty}]")
+        train_run(tmp_path, f"datasets=[json:{empty}]")
 
 
 def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):

@@ -59,18 +59,11 @@ def reset_peak(cuda: bool):
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def worker(args):
+def build_model(args, preset: dict, world: int):
+    """The preset's random-init Llama, wrapped for this mode; (model, config, parameters)."""
     import torch
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
     from harness.parallel import distributed, parallelize
-    from harness.models.modeling import sequence_logps
-    preset = PRESETS[args.preset]
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in preset.items() if k not in
                             ("batch_size", "seq_len", "mp", "ac")}, tie_word_embeddings=True)
@@ -84,6 +77,21 @@ def worker(args):
         parallelize.apply_tp(model.to(distributed.device()), parallelize.build_mesh(1, world)["tp"])
     else:
         model.to(distributed.device())
+    return model, config, n_params
+
+
+def worker(args):
+    import torch
+    import torch.distributed as dist
+    from harness.parallel import distributed, parallelize
+    from harness.models.modeling import sequence_logps
+    preset = PRESETS[args.preset]
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, config, n_params = build_model(args, preset, world)
     logps = getattr(model, "sequence_logps", lambda *a: sequence_logps(model, *a))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(1)
