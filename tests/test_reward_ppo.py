@@ -66,6 +66,36 @@ def _sentiment_pairs(path: Path, n: int, seed: int):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def test_reward_step_runs_under_the_run_autocast():
+    """loss=reward reads amp_dtype: its forward runs inside the context the loop gives it."""
+    from contextlib import contextmanager
+    from harness.objectives import StepContext
+    from harness.objectives.reward import RewardOptions, reward_step
+    from preference_datasets import BatchIterator, load_examples
+    tok = load_tokenizer("assets/tiny_model")
+    torch.manual_seed(0)
+    model = build_reward_model("assets/tiny_model", "float32").eval()
+    examples = load_examples(["toy"], "test", sft_mode=False)[:4]
+    batch = next(BatchIterator(examples, tok, batch_size=4, shuffle=False, seed=0, max_length=128,
+                               max_prompt_length=64).epoch_batches(0))
+    entered = []
+
+    @contextmanager
+    def bf16():
+        entered.append(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    results = {}
+    for name, autocast in {"fp32": None, "bf16": bf16}.items():
+        ctx = StepContext(policy=model, forward=None, reference_logps=None,
+                          options=RewardOptions(), device=torch.device("cpu"), tokenizer=tok,
+                          **({"autocast": autocast} if autocast else {}))
+        results[name] = reward_step(ctx, batch, "eval")[1]["rewards_eval/chosen"]
+    assert entered  # under amp the forward ran in the run's autocast: bf16 rounding shows
+    assert not torch.equal(results["fp32"], results["bf16"])
+    torch.testing.assert_close(results["fp32"], results["bf16"], atol=0.05, rtol=0.05)
+
+
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory, train_run):
     tmp = tmp_path_factory.mktemp("rm")
