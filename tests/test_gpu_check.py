@@ -87,6 +87,28 @@ def test_the_table_has_a_row_per_step():
     assert "**log-probs / far**" in rows[1]  # the error, with the table's separator escaped
 
 
+@pytest.mark.slow
+def test_the_log_prob_check_catches_a_broken_packing_mask(tmp_path, monkeypatch):
+    """The smoke check is not a formality: packing whose mask lets tokens see other examples
+    fails it, the correct mask passes it (the bundled tiny model, on the CPU)."""
+    import torch
+    import gpu_smoke_train as smoke
+    from harness.data import packing
+    ctx = smoke.Context(dict(model="tiny", source="assets/tiny_model", device="cpu",
+                             batch_size=4, max_length=128, steps=1, workdir=str(tmp_path)))
+    ctx.prepare()
+    smoke.plain_path(ctx)
+    figures = smoke.lever_path(ctx, "dpo_packing_sdpa")
+    assert figures["logp_dev"] <= figures["logp_tol"]
+
+    def no_document_mask(unit, segment):  # causal over the whole packed row
+        rows, width = unit.shape
+        return torch.ones(width, width, dtype=torch.bool).tril().expand(rows, width, width)
+    monkeypatch.setattr(packing, "allowed", no_document_mask)
+    with pytest.raises(smoke.CheckFailed, match="log-probs .* from the plain path"):
+        smoke.lever_path(ctx, "dpo_packing_sdpa")
+
+
 FAKE_WORKER = '''
 import json, os, sys, time
 spec = json.loads(sys.argv[2])

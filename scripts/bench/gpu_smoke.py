@@ -116,6 +116,7 @@ def ppo_path(ctx: Context) -> dict:
     start = time.perf_counter()
     rm_run = train.run(rm_cfg)
     figures = {"reward_run_s": round(time.perf_counter() - start, 2)}
+    cleanup()  # the reward run's models
     cfg = ctx.config("ppo", [f"loss.reward_model={rm_run}", f"loss.mini_batch_size={batch}",
                              "loss.ppo_epochs=1", f"loss.max_new_tokens={ctx.spec['new_tokens']}",
                              "loss.temperature=1.0"], dtype=dtype, reference="none")

@@ -129,14 +129,16 @@ class Context:
 
 # ---------------------------------------------------------------------------- building blocks
 def build_trainer(ctx: Context, cfg, attn: str | None = None):
-    """(BasicTrainer, whether a process group was created for it) as train.py builds them."""
+    """A BasicTrainer as train.py builds it (FSDPTrainer in one process: in a process group of
+    one, which cleanup() ends). `attn`: the policy's attention implementation (the reference
+    keeps sdpa, so its pre-pass compiles nothing)."""
     from harness.models import lora
     from harness.models.modeling import load_model
     from harness.objectives import needs_reference
     from harness.parallel import distributed
     from harness.parallel.parallelize import single_process_device_map
     from trainers import BasicTrainer
-    created = distributed.init(cfg)  # FSDPTrainer in one process: a process group of one
+    distributed.init(cfg)
     device_map = None if distributed.trainer_layout(cfg).processes else single_process_device_map()
     policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, device_map=device_map)
     reference = None
@@ -145,21 +147,26 @@ def build_trainer(ctx: Context, cfg, attn: str | None = None):
     elif needs_reference(cfg.loss):
         reference = load_model(cfg.model.name_or_path, cfg.model.reference_dtype,
                                device_map=device_map).eval()
-    for model in {id(m): m for m in (policy, reference) if m is not None}.values():
-        if attn:
-            lora.causal_lm(model).set_attn_implementation(attn)
+    if attn:
+        lora.causal_lm(policy).set_attn_implementation(attn)
     os.makedirs(cfg.local_run_dir, exist_ok=True)
-    return BasicTrainer(policy, ctx.tokenizer, cfg, cfg.local_run_dir, reference), created
+    return BasicTrainer(policy, ctx.tokenizer, cfg, cfg.local_run_dir, reference)
 
 
-def batch_logps(trainer, batch) -> tuple[list, list]:
+def batch_logps(trainer, batch, backward: bool = False) -> tuple[list, list]:
     """Summed log-probs and scored-token counts of every response of `batch`, chosen then
-    rejected, through the trainer's own forward (autocast, packing, sharding)."""
-    trainer.policy.eval()
-    with torch.no_grad():
-        out = trainer.forward(trainer.policy, batch)
-    trainer.policy.train()
-    half = len(out) // 2
+    rejected, through the trainer's own forward (autocast, packing, sharding). backward=True
+    computes them as a step does (train mode, autograd, a backward whose gradients are then
+    dropped), so compiled and checkpointed code runs the graphs the steps reuse."""
+    policy = trainer.policy
+    policy.train(backward)
+    with torch.set_grad_enabled(backward):
+        out = trainer.forward(policy, batch)
+        half = len(out) // 2
+        if backward:
+            torch.cat(out[:half]).sum().backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
+    policy.train()
     return (torch.cat(out[:half]).float().tolist(),
             torch.cat(out[half:]).float().tolist())
 
@@ -211,10 +218,11 @@ def load_plain(ctx: Context) -> dict:
     return json.loads(path.read_text())
 
 
-def cleanup(created_group: bool = False):
-    """Free what a path left behind, so the next one starts from an empty device."""
-    if created_group:
-        import torch.distributed as dist
+def cleanup():
+    """Free what a path left behind (its process group too), so that the next one starts from
+    an empty device."""
+    import torch.distributed as dist
+    if dist.is_initialized():
         dist.destroy_process_group()
     torch._dynamo.reset()
     gc.collect()
@@ -231,7 +239,7 @@ def plain_path(ctx: Context) -> dict:
     how far a wrong context moves them, and its steps' time and memory."""
     mem = Memory(ctx.device)
     mem.reset_peak()
-    trainer, _ = build_trainer(ctx, ctx.config("dpo"))
+    trainer = build_trainer(ctx, ctx.config("dpo"))
     trainer.prepare_reference()
     logps, counts = batch_logps(trainer, ctx.fixed_batch())
     wrong, wrong_counts = batch_logps(trainer, ctx.fixed_batch(rotate_prompts=True))
@@ -257,25 +265,26 @@ def lever_path(ctx: Context, name: str) -> dict:
     plain = load_plain(ctx)
     mem = Memory(ctx.device)
     mem.reset_peak()
-    trainer, created = build_trainer(ctx, ctx.config(loss, levers), attn)
+    trainer = build_trainer(ctx, ctx.config(loss, levers), attn)
     try:
         prepass = time.perf_counter()
         trainer.prepare_reference()
         figures = {"prepass_s": round(time.perf_counter() - prepass, 3)}
-        logps, counts = batch_logps(trainer, ctx.fixed_batch())
+        backward = not (attn == "flex_attention" and ctx.device == "cpu")
+        logps, counts = batch_logps(trainer, ctx.fixed_batch(), backward)
         dev, tol = per_token_dev(logps, counts, plain["logps"], plain["counts"]), plain["tol"]
         figures.update(logp_dev=round(dev, 6), logp_tol=round(tol, 6))
         failures = [] if dev <= tol else [
             f"log-probs {dev:.3g} nats/token from the plain path (tolerance {tol:.3g}: a wrong "
             f"prompt moves them {plain['context_effect']:.3g})"]
-        if attn == "flex_attention" and ctx.device == "cpu":
+        if not backward:
             figures["note"] = "no train steps: flex_attention has no backward on a CPU"
             return finish({**figures, **memory_figures(mem)}, failures)
         figures.update(train_steps(trainer, ctx.spec["steps"], mem, ctx.device))
         figures.update(memory_figures(mem))
     finally:
         del trainer
-        cleanup(created)
+        cleanup()
     check_steps(figures, failures)
     ctx.keep_first_grad_norm(name, figures["grad_norms"][0])
     if twin in ctx.first_grad_norms:
