@@ -199,7 +199,8 @@ def test_dry_run_end_to_end(tmp_path):
     header, steps, summary = records[0], records[1:-1], records[-1]
     assert header["dry_run"] and summary["fail"] == summary["timeout"] == 0
     status = {s["step"]: s["status"] for s in steps}
-    expected = [f"smoke/{m}/{p}" for m, spec in gpu_check_smoke.SMOKE.items() for p in spec["paths"]]
+    expected = [f"smoke/{m}/{p}" for m, spec in gpu_check_smoke.SMOKE.items()
+                for p in spec["paths"]]
     assert list(status) == ["wheels", *expected, "dpo_epoch", "sft_compiled", "generation"]
     assert status.pop("wheels") == "skipped" and set(status.values()) == {"pass"}
     figures = {s["step"]: s.get("figures") or {} for s in steps}
@@ -210,8 +211,13 @@ def test_dry_run_end_to_end(tmp_path):
             assert f["peak_mib"] > 0, name
     assert figures["smoke/1b/dpo_compile"]["grad_norm_twin"] == "dpo_amp_bf16"
     assert figures["smoke/tiny/sample_static_cache"]["token_match"] == 1.0
-    assert figures["dpo_epoch"]["vs_trl_ref"] > 0 and figures["dpo_epoch"]["vs_trl_precomputed"] > 0
-    assert figures["sft_compiled"]["vs_bare_compiled"] > 0 and figures["generation"]["vs_generate"] > 0
+    for step, peers in (("dpo_epoch", ("trl_ref", "trl_precomputed")),
+                        ("sft_compiled", ("bare_compiled",)), ("generation", ("generate",))):
+        for peer in peers:  # ours / peer on the step's rate, from the same run
+            rate = gpu_check_report.RATE[step]
+            assert figures[step][f"vs_{peer}"] == pytest.approx(
+                figures[step]["ours"][rate] / figures[step][peer][rate], abs=1e-3)
+    assert (out / "gpu_check.png").stat().st_size > 0
     table = (out / "gpu_check.md").read_text()
     assert table in proc.stdout and all(f"| {name} | " in table for name in figures)
     assert len([x for x in proc.stdout.splitlines() if x.startswith("[gpu_check] +")]) == len(steps)

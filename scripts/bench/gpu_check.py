@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ class Run:
         if args.dry_run:  # dynamo traces every compiled region; the CPU skips code generation
             self.env.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:eager")
         self.scale = args.budget_scale or (4.0 if args.dry_run else 1.0)
+        self.procs = []  # every process launched, so that an interrupted check ends them
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -97,12 +99,15 @@ class Run:
         return not only or any(step == o or step.startswith(o.rstrip("/") + "/") for o in only)
 
     def launch(self, argv: list[str]) -> subprocess.Popen:
-        """A step's process in a session of its own (a timeout ends it and its workers)."""
+        """A step's process in a process group of its own (a timeout ends it and its workers;
+        the session stays the caller's, so whoever ends the check ends them too)."""
         with self.log_path.open("a") as f:
             f.write(f"\n$ {' '.join(argv)}\n")
             f.flush()
-            return subprocess.Popen(argv, cwd=REPO, env=self.env, start_new_session=True,
-                                    stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, process_group=0, stdout=f,
+                                    stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
 
 
 def fresh_workdir(work: Path) -> Path:
@@ -262,12 +267,18 @@ def main(argv=None) -> int:
         f.write(json.dumps(header) + "\n")
     log(f"{'dry run on the CPU' if args.dry_run else 'GPU check'}: output in {run.out}/, "
         f"deadline {header['deadline_s']} s")
-    install_wheels(run)
-    for model in SMOKE:
-        run_smoke(run, model)
-    for name, commands in bench_plan(run):
-        if run.wanted(name):
-            run_bench(run, name, commands)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        install_wheels(run)
+        for model in SMOKE:
+            run_smoke(run, model)
+        for name, commands in bench_plan(run):
+            if run.wanted(name):
+                run_bench(run, name, commands)
+    finally:
+        for proc in run.procs:
+            if proc.poll() is None:
+                stop(proc)
     counts = {s: sum(1 for x in run.lines if x["status"] == s)
               for s in ("pass", "fail", "timeout", "skipped")}
     summary = {"record": "summary", "total_s": round(run.elapsed(), 1), **counts}

@@ -142,7 +142,7 @@ def markdown(header: dict, lines: list[dict], summary: dict) -> str:
     deadline = f", deadline {header['deadline_s']:.0f} s" if header.get("deadline_s") else ""
     out = [f"### GPU check: {where}, {header['date']}", "",
            f"`bash scripts/gpu_check.sh {' '.join(header['argv'])}` at commit "
-           f"{header.get('commit')}: {summary['total_s']:.0f} s in all{deadline}; "
+           f"{header.get('commit') or '(unknown)'}: {summary['total_s']:.0f} s in all{deadline}; "
            f"{summary['pass']} passed, {summary['fail']} failed, {summary['timeout']} timed "
            f"out, {summary['skipped']} skipped.", ""]
     if env:
