@@ -5,6 +5,10 @@
     python scripts/bench/bench.py --preset h100-1b                   # needs a CUDA GPU
     python scripts/bench/bench.py --preset cpu-tiny --only ours --steps 2 --warmup 1
     python scripts/bench/bench.py --preset cpu-tiny --epoch          # whole DPO epochs, wall clock
+    python scripts/bench/bench.py --preset cpu-tiny --epoch --configs dpo_precomputed:trl \
+        dpo_precomputed_packed:ours                                  # CONFIG:IMPL picks one run
+    python scripts/bench/bench.py --preset h100-1b --configs sft --only bare ours --compile \
+        --fixed-length           # SFT vs a bare step with compiled blocks, [batch, max_length]
     python scripts/bench/bench.py --preset h100-1b --device cpu --model cpu-tiny --epoch --pairs 8
                                                        # the GPU preset's code path, on a CPU
 
@@ -42,8 +46,8 @@ from pathlib import Path
 
 from bench_peers import run_bare, run_trl
 from benchlib import (MODELS, REPO, Memory, add_model_args, build_model_dir,
-                      check_device, emit, host_info, log, make_rows, n_params, ratio, run_worker,
-                      setup, timed)
+                      check_device, emit, host_info, log, make_fixed_rows, make_rows, n_params,
+                      ratio, run_worker, setup, timed)
 
 _COMMON = dict(lr=1e-6, beta=0.1)
 PRESETS = {
@@ -159,13 +163,19 @@ def summarize(spec: dict, raw: dict) -> dict:
         params=raw["params"], **raw["mem"].summary(), mfu=None, threads=torch.get_num_threads(),
         **raw["versions"])
     if spec["device"] == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = spec.get("peak_tflops") or next(
-            (v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        if peak:  # training FLOPs only (6 N T); a reference forward in the step is not counted
-            out["mfu"] = 6 * raw["params"] * out["tokens_per_s"] / (peak * 1e12)
-        out["gpu"] = name
+        out["mfu"] = mfu(spec, raw["params"], out["tokens_per_s"])
+        out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def mfu(spec: dict, params: int, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation on CUDA: the policy's training FLOPs (6 N per non-pad token; a
+    reference forward is not counted) per second over the chip's dense bf16 peak."""
+    import torch
+    name = torch.cuda.get_device_name()
+    peak = spec.get("peak_tflops") or next(
+        (v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return 6 * params * tokens_per_s / (peak * 1e12) if peak else None
 
 
 def run_ours_epoch(spec: dict) -> dict:
@@ -193,8 +203,10 @@ def summarize_epoch(spec: dict, raw: dict) -> dict:
                wall_s=round(wall, 3), pairs_per_s=spec["n_pairs"] / wall,
                tokens_per_s=spec["epoch_tokens"] / wall, epoch_tokens=spec["epoch_tokens"],
                prepass_s=round(raw["prepass_s"], 3), params=spec["params"],
-               **raw["mem"].summary(), threads=torch.get_num_threads(), **raw["versions"])
+               **raw["mem"].summary(), mfu=None, threads=torch.get_num_threads(),
+               **raw["versions"])
     if spec["device"] == "cuda":
+        out["mfu"] = mfu(spec, spec["params"], out["tokens_per_s"])
         out["gpu"] = torch.cuda.get_device_name()
     return out
 
@@ -265,11 +277,15 @@ def parse_args(argv=None):
                    help="run only these implementations")
     p.add_argument("--optimizer", default="RMSprop", help="torch.optim class for both trainers")
     p.add_argument("--configs", nargs="+", help="run only these configurations "
-                   f"({', '.join(dict.fromkeys(c[0] for c in CONFIGS + EPOCH_CONFIGS))})")
+                   f"({', '.join(dict.fromkeys(c[0] for c in CONFIGS + EPOCH_CONFIGS))}), or "
+                   "CONFIG:IMPL for one implementation of one (dpo_precomputed:trl)")
     p.add_argument("--levers", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every one of our runs (e.g. "
                    "micro_batch_tokens=2048)")
-    p.add_argument("--compile", action="store_true", help="our runs with compile=true")
+    p.add_argument("--compile", action="store_true", help="our runs with compile=true, the bare "
+                   "step with each decoder block compiled")
+    p.add_argument("--fixed-length", action="store_true", help="every prompt max_length // 4 "
+                   "tokens and every response the rest: each batch [batch, max_length]")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--tokenizer", default="assets/tiny_model", help="tokenizer dir")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by name)")
@@ -283,6 +299,19 @@ def parse_args(argv=None):
     return args
 
 
+def write_pairs(path: Path, tokenizer, n_rows: int, max_length: int, fixed: bool) -> Path:
+    rows = make_fixed_rows(tokenizer, n_rows, max_length) if fixed else \
+        make_rows(tokenizer, n_rows, max_length, max_length // 2)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def selected(args, config: str, impl: str) -> bool:
+    """--only IMPL... and --configs CONFIG or CONFIG:IMPL..."""
+    return not (args.only and impl not in args.only) and not (
+        args.configs and not {config, f"{config}:{impl}"} & set(args.configs))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -293,9 +322,8 @@ def main(argv=None):
         (preset["warmup"] + preset["steps"]) * preset["batch_size"]
     log(f"preset {args.preset}: building the model and {n_rows} train rows in {workdir}")
     params = build_model_dir(workdir / "model", preset, tokenizer)
-    rows = make_rows(tokenizer, n_rows, preset["max_length"], preset["max_length"] // 2)
-    data = workdir / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_pairs(workdir / "pairs.jsonl", tokenizer, n_rows, preset["max_length"],
+                       args.fixed_length)
     log(f"model: {params / 1e6:.1f}M params ({preset['dtype']}, {preset['device']})")
     base = dict(preset, preset=args.preset, model_dir=str(workdir / "model"), data=str(data),
                 optimizer=args.optimizer, peak_tflops=args.peak_tflops, threads=args.threads,
@@ -307,18 +335,19 @@ def main(argv=None):
                   batch_size=preset["batch_size"], max_length=preset["max_length"],
                   **({"pairs": n_rows} if args.epoch else {"steps": preset["steps"],
                                                             "warmup": preset["warmup"]}),
-                  optimizer=args.optimizer,
+                  optimizer=args.optimizer, fixed_length=args.fixed_length,
                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   host=host_info())
     have_trl = importlib.util.find_spec("trl") is not None
     done, failed = {}, False
     for config, impl, loss, reference, levers, compare in (EPOCH_CONFIGS if args.epoch else
                                                            CONFIGS):
-        if (args.only and impl not in args.only) or (args.configs and config not in args.configs):
+        if not selected(args, config, impl):
             continue
         ours_levers = list(levers) + args.levers if impl == "ours" else []
+        compiled = args.compile and impl != "trl"  # TRL's trainer runs as it comes
         line = dict(header, config=config, impl=impl, loss=loss, reference=reference,
-                    levers=ours_levers + (["compile=true"] if args.compile else []))
+                    levers=ours_levers + (["compile=true"] if compiled else []))
         if impl == "trl" and not have_trl:
             line["skipped"] = "trl is not installed (pip install trl)"
         else:

@@ -98,7 +98,8 @@ def run_trl(spec: dict) -> dict:
 
 def run_bare(spec: dict) -> dict:
     """The peer for SFT: a bare training step (HF forward with labels, backward, fused AdamW
-    where the device has it) over exactly our SFT batches, nothing else."""
+    where the device has it) over exactly our SFT batches, nothing else; with --compile each
+    decoder block is torch.compile'd (torchtitan's per-block compile, static shapes)."""
     import torch
     from harness.models.modeling import load_model, load_tokenizer
     from preference_datasets import BatchIterator, load_examples
@@ -106,6 +107,9 @@ def run_bare(spec: dict) -> dict:
     mem = Memory(device)
     tokenizer = load_tokenizer(spec["model_dir"])
     policy = load_model(spec["model_dir"], spec["dtype"]).to(device).train()
+    if spec.get("compile"):
+        for block in policy.model.layers:
+            block.compile()
     examples = load_examples([f"json:{spec['data']}"], "train", sft_mode=True, seed=0)
     batches = list(BatchIterator(examples, tokenizer, batch_size=spec["batch_size"], shuffle=True,
                                  seed=0, max_length=spec["max_length"],

@@ -83,16 +83,20 @@ class Memory:
             kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return kib / 1024
 
-    def start_steps(self):
-        """Remember the peak of loading + reference pre-pass, then measure the steps alone."""
-        self.setup_peak = self.peak()
+    def reset_peak(self):
+        """Start the peak afresh from the memory in use now."""
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
-                pass  # no reset here: the step peak then includes loading
+                pass  # no reset here: the peak then includes what came before
+
+    def start_steps(self):
+        """Remember the peak of loading + reference pre-pass, then measure the steps alone."""
+        self.setup_peak = self.peak()
+        self.reset_peak()
 
     def summary(self) -> dict:
         steps = self.peak()
@@ -122,7 +126,10 @@ def n_params(model) -> int:
 
 
 def build_model_dir(out: Path, preset: dict, tokenizer, seed: int = 0) -> int:
-    """A random-init Llama-style model + tokenizer saved like any HF model dir; returns #params."""
+    """A random-init Llama-style model + tokenizer saved like any HF model dir; returns #params.
+    A dir built here before with the same shape, dtype, tokenizer and seed is reused as it is
+    (scripts/bench/gpu_check.py's steps share one 1.1B model dir). A CUDA preset initialises
+    the weights on the GPU (seconds, where a 1.1B init on the CPU takes a minute)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -132,12 +139,26 @@ def build_model_dir(out: Path, preset: dict, tokenizer, seed: int = 0) -> int:
                          max_position_embeddings=max(preset["max_length"], 512),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
+    init_device = "cuda" if preset["device"] == "cuda" and torch.cuda.is_available() else "cpu"
+    built = Path(out) / "bench_build.json"  # written last: a killed build leaves none
+    key = {"config": {k: getattr(config, k) for k in (*keys, "vocab_size",
+                                                       "max_position_embeddings")},
+           "dtype": preset["dtype"], "seed": seed, "init_device": init_device,
+           "tokenizer": [tokenizer.name_or_path, len(tokenizer)]}
+    if built.exists() and json.loads(built.read_text())["key"] == key:
+        return json.loads(built.read_text())["params"]
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, preset["dtype"]))
+    with torch.device(init_device):
+        model = LlamaForCausalLM(config).to(getattr(torch, preset["dtype"]))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.model_max_length = config.max_position_embeddings  # the model's, not the tiny one's
     tokenizer.save_pretrained(out)
-    return n_params(model)
+    params = n_params(model)
+    built.write_text(json.dumps({"key": key, "params": params}))
+    del model
+    if init_device == "cuda":
+        torch.cuda.empty_cache()  # this process only orchestrates: hand the memory back
+    return params
 
 
 def _n_tokens(tokenizer, text: str) -> int:
@@ -161,16 +182,32 @@ def _trim(tokenizer, text: str, limit: int) -> str:
     return text
 
 
+def in_splits(next_row, n_train: int) -> list[dict]:
+    """Rows from next_row() until exactly n_train land in the train split (the loaders' hash
+    split of the prompt) and at least one in the test split; extra train rows are dropped."""
+    from harness.data.sources import in_test_split
+    rows, n_in_train, n_in_test = [], 0, 0
+    while n_in_train < n_train or n_in_test < 1:
+        row = next_row()
+        if in_test_split(row["prompt"]):
+            n_in_test += 1
+        elif n_in_train < n_train:
+            n_in_train += 1
+        else:
+            continue
+        rows.append(row)
+    return rows
+
+
 def make_rows(tokenizer, n_train: int, max_length: int, max_prompt_length: int, seed: int = 0):
     """HH-like {prompt, chosen, rejected} rows: 1-3 turn "\\n\\nHuman: ... \\n\\nAssistant:"
     prompts, responses starting with a space, lognormal (right-skewed) lengths capped so that
     prompt + response + EOS <= max_length (no truncation in either trainer). Exactly n_train
     rows land in the train split (the loaders' hash split) and at least one in test."""
-    from harness.data.sources import in_test_split
     rng = random.Random(seed)
     cost = {w: _n_tokens(tokenizer, " " + w) for w in WORDS}
-    rows, n_in_train, n_in_test = [], 0, 0
-    while n_in_train < n_train or n_in_test < 1:
+
+    def next_row():
         turns = rng.choices([1, 2, 3], weights=[0.6, 0.3, 0.1])[0]
         budget = min(max_prompt_length, max(8, int(rng.lognormvariate(
             math.log(0.18 * max_length), 0.7))))
@@ -183,18 +220,36 @@ def make_rows(tokenizer, n_train: int, max_length: int, max_prompt_length: int, 
                 break
             per_turn = max(1, per_turn * 3 // 4)
         room = max_length - _n_tokens(tokenizer, prompt) - 1  # -1: the EOS both trainers append
-        responses = [_trim(tokenizer, _words(rng, min(room, max(1, int(
-            rng.lognormvariate(math.log(0.2 * max_length), 0.8)))), cost), room) for _ in range(2)]
-        if in_test_split(prompt):
-            n_in_test += 1
-        elif n_in_train < n_train:
-            n_in_train += 1
-        else:
-            continue
-        rows.append({"prompt": prompt, "chosen": responses[0], "rejected": responses[1]})
-    return rows
+        chosen, rejected = (_trim(tokenizer, _words(rng, min(room, max(1, int(
+            rng.lognormvariate(math.log(0.2 * max_length), 0.8)))), cost), room)
+            for _ in range(2))
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return in_splits(next_row, n_train)
 
 
+def make_fixed_rows(tokenizer, n_train: int, max_length: int, seed: int = 0):
+    """Rows of one shape: every prompt max_length // 4 tokens, every response the rest, so that
+    prompt + response + EOS is exactly max_length and every batch is [batch, max_length] (the
+    fixed shapes of a compiled step). Made of words that are one token each."""
+    rng = random.Random(seed)
+    single = sorted({w for w in WORDS if _n_tokens(tokenizer, " " + w) == 1})
+    if len(single) < 2:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has too few one-token words for "
+                         "fixed-length rows")
+    words = lambda n: "".join(" " + rng.choice(single) for _ in range(n))  # noqa: E731
+    n_prompt = max_length // 4
+    n_tags = _n_tokens(tokenizer, "\n\nHuman:\n\nAssistant:")
+
+    def next_row():
+        row = {"prompt": f"\n\nHuman:{words(n_prompt - n_tags)}\n\nAssistant:",
+               "chosen": words(max_length - n_prompt - 1),
+               "rejected": words(max_length - n_prompt - 1)}
+        lengths = [_n_tokens(tokenizer, row[k]) for k in ("prompt", "chosen", "rejected")]
+        if lengths != [n_prompt, max_length - n_prompt - 1, max_length - n_prompt - 1]:
+            raise ValueError(f"fixed-length rows came out {lengths} tokens long with tokenizer "
+                             f"{tokenizer.name_or_path!r} (it merges across words)")
+        return row
+    return in_splits(next_row, n_train)
 
 
 def host_info() -> dict:
