@@ -1,4 +1,4 @@
-"""Start scripts/serve.py's server in-process on 127.0.0.1:0 (real HTTP) for the tests."""
+"""Start scripts/serve.py's server in-process on 127.0.0.1:0 (real HTTP, uvicorn in a thread)."""
 
 import contextlib
 import importlib.util
@@ -24,18 +24,19 @@ def toy_judge(name="judge"):
 
 @contextlib.contextmanager
 def running_server(backends: dict, **kwargs):
-    """Yield (server, base_url) of a server on a free loopback port; shut it down after."""
-    server = serve.Server(("127.0.0.1", 0), backends, Batcher(kwargs.pop("max_batch", 16),
-                                                              kwargs.pop("wait_s", 0.05)),
-                          quiet=True, **kwargs)
+    """Yield (the server's state, base_url) of a server on a free loopback port; shut it down
+    after. The state has the backends, the batcher and the fault counters."""
+    state = serve.ServerState(backends, Batcher(kwargs.pop("max_batch", 16),
+                                                kwargs.pop("wait_s", 0.05)), **kwargs)
+    server = serve.Server("127.0.0.1", 0, state, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield state, f"http://127.0.0.1:{server.address[1]}/v1"
     finally:
         server.shutdown()
-        server.server_close()
-        server.batcher.close()
+        thread.join(timeout=30)
+        state.batcher.close()
 
 
 def http(url: str, body=None, raw: bytes | None = None, method=None):
