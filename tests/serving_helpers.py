@@ -18,6 +18,16 @@ serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
 
+def write_samples(path: Path, n: int, split="train") -> Path:
+    """A one-file sample set: the toy task's two base responses per prompt."""
+    from harness.data.toy_task import toy_records
+    from harness.feedback.sample_files import sample_row
+    with open(path, "w") as f:
+        for prompt, rec in toy_records(split, n).items():
+            f.write(json.dumps(sample_row(prompt, rec["responses"], "toy-base", {})) + "\n")
+    return path
+
+
 def toy_judge(name="judge"):
     return ScriptedJudge(name, get_gold_reward("toy"), load_template("toy"))
 

@@ -2,8 +2,7 @@
 logprobs, stop strings that end generation, seeds independent of batch-mates, content parts,
 the developer role, models.retrieve, the 400s for what it does not support, 64 clients at once."""
 
-import http.client
-import statistics
+import sys
 import threading
 import time
 
@@ -13,7 +12,10 @@ import pytest
 from harness.checkpoints import REPO_ROOT
 from harness.feedback.serving import ModelBackend
 from harness.models.modeling import load_checkpoint
-from serving_helpers import running_server, toy_judge
+from serving_helpers import ROOT, running_server, toy_judge
+
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+from bench_serve import concurrent_requests  # noqa: E402
 
 PROMPT = "\n\nHuman: Write a positive review of the cafe for Anna.\n\nAssistant:"
 USER = [{"role": "user", "content": "Tell Ben something negative about the movie."}]
@@ -189,39 +191,9 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     assert settled < 48
 
 
-def concurrent_requests(url: str, clients: int, per_client: int) -> dict:
-    """`clients` threads released at once, each making `per_client` requests on fresh
-    connections: resets (refused / reset / dropped) and latency percentiles."""
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    body = b'{"model": "judge", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}'
-    latencies, resets, barrier = [], [], threading.Barrier(clients)
-
-    def client():
-        barrier.wait()
-        for _ in range(per_client):
-            start = time.perf_counter()
-            conn = http.client.HTTPConnection(host, int(port), timeout=30)
-            try:
-                conn.request("POST", "/v1/chat/completions", body,
-                             {"Content-Type": "application/json"})
-                assert conn.getresponse().read() and True
-                latencies.append(time.perf_counter() - start)
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
-                resets.append(repr(e))
-            finally:
-                conn.close()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.sort()
-    return {"requests": clients * per_client, "resets": len(resets), "errors": resets[:3],
-            "p50_s": statistics.median(latencies),
-            "p95_s": latencies[int(0.95 * (len(latencies) - 1))]}
-
-
-def test_64_concurrent_clients_connect_without_resets(server):
+def test_64_concurrent_clients_connect_without_resets():
+    """64 clients released at once, each on fresh connections (scripts/bench/bench_serve.py
+    measures the same with latencies, against the stdlib server this one replaced)."""
     with running_server({"judge": toy_judge()}) as (_, url):
         result = concurrent_requests(url, clients=64, per_client=3)
-    assert result["resets"] == 0, result
+    assert result["requests"] == 192 and result["resets"] == 0 and result["non_200"] == 0, result
