@@ -28,7 +28,7 @@ from harness.feedback.judges import JUDGES, make_judge  # noqa: E402
 from harness.feedback.openai_client import GaveUp, add_client_args, default_key_env  # noqa: E402
 from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import make_pairs, read_samples  # noqa: E402
-from harness.evaluation.stats import win_rate  # noqa: E402
+from harness.feedback.win_rate import win_rate  # noqa: E402
 
 
 def parse_args(argv=None):
