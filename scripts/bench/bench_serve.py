@@ -2,17 +2,21 @@
 
     python scripts/bench/bench_serve.py                          # ours: 64 clients x 5 requests
     python scripts/bench/bench_serve.py --peer-ref 74f0bb1       # and the server of that commit
-    python scripts/bench/bench_serve.py --model tiny --max-tokens 8 --clients 32
+    python scripts/bench/bench_serve.py --model --max-tokens 8 --clients 32
+    python scripts/bench/bench_serve.py --peer-ref 74f0bb1 --labeller 80   # + the labeller at 64
 
-Each server runs as `python serve.py --gold-judge judge=toy` (the scripted judge: the HTTP
-layer is what is measured; --model tiny serves the bundled model instead) on a free loopback
-port. `clients` threads are released together and each sends `per_client` chat requests, every
+Each server runs as `python serve.py --gold-judge judge=toy --judge-template toy` (the
+scripted judge: the HTTP layer is what is measured; --model serves the bundled tiny model
+instead) on a free loopback port. `clients` threads are released together and each sends `per_client` chat requests, every
 one on a fresh TCP connection (the hardest case for a listen backlog: a client library that
 keeps connections alive only connects once). One JSON line per server to stdout: requests,
 resets (connection refused / reset / dropped before an answer), non-200 answers, p50 / p95
 latency in ms (of the answered requests), wall time and answers per second; the peer's line
 (a commit's scripts/serve.py, checked out with `git archive`, e.g. the stdlib server this
-one replaced) adds the ratios. Requests stay on 127.0.0.1 and end by themselves.
+one replaced) adds the ratios. --labeller N also runs scripts/label_ai_preferences.py (this
+tree's, the official client's connection pool) on N toy pairs (2N requests) at --concurrency
+`clients` against each server: its retries and failures. Requests stay on 127.0.0.1 and end by
+themselves.
 """
 
 import argparse
@@ -75,12 +79,12 @@ def concurrent_requests(url: str, clients: int, per_client: int, body: dict = BO
             "wall_s": round(wall, 3), "answers_per_s": round(len(latencies) / wall, 1)}
 
 
-def start_server(script: Path, model: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(script: Path, model: bool, threads: int = 1) -> tuple[subprocess.Popen, str]:
     backend = ["--model", f"judge={REPO / 'assets' / 'tiny_model'}"] if model else \
-        ["--gold-judge", "judge=toy"]
+        ["--gold-judge", "judge=toy", "--judge-template", "toy"]
     proc = subprocess.Popen([sys.executable, str(script), *backend, "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"OMP_NUM_THREADS": "1", **os.environ})
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     line = proc.stdout.readline()
     if " at http://" not in line:
         proc.kill()
@@ -100,13 +104,36 @@ def checkout(ref: str, into: Path) -> Path:
     return into / "scripts" / "serve.py"
 
 
+def run_labeller(url: str, pairs: int, concurrency: int) -> dict:
+    """The labeller on `pairs` toy pairs against the served scripted judge: retries, failures."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO))
+    import contextlib
+    import io
+    import label_ai_preferences
+    from harness.data.toy_task import toy_records
+    from harness.feedback.sample_files import sample_row
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "s.jsonl"
+        samples.write_text("".join(json.dumps(sample_row(p, r["responses"], "toy", {})) + "\n"
+                                   for p, r in toy_records("train", pairs).items()))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            summary = label_ai_preferences.main([
+                "--samples", str(samples), "--out-dir", f"{tmp}/out", "--judge", "llm",
+                "--judge-base-url", url, "--judge-model", "judge", "--template", "toy",
+                "--concurrency", str(concurrency), "--backoff", "0.1"])
+    return {"labeller_requests": 2 * pairs, **{f"labeller_{k}": v
+                                               for k, v in summary["this_run"].items()}}
+
+
 def measure(name: str, script: Path, args) -> dict:
-    proc, url = start_server(script, args.model)
+    proc, url = start_server(script, args.model, args.threads)
     try:
         body = dict(BODY, max_tokens=args.max_tokens)
         concurrent_requests(url, min(args.clients, 4), 1, body)  # warm-up
         rounds = [concurrent_requests(url, args.clients, args.per_client, body)
                   for _ in range(args.rounds)]
+        labeller = run_labeller(url, args.labeller, args.clients) if args.labeller else {}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -117,7 +144,7 @@ def measure(name: str, script: Path, args) -> dict:
             "p50_ms": statistics.median(r["p50_ms"] for r in rounds if r["p50_ms"] is not None),
             "p95_ms": statistics.median(r["p95_ms"] for r in rounds if r["p95_ms"] is not None),
             "answers_per_s": statistics.median(r["answers_per_s"] for r in rounds),
-            "reset_errors": sorted({e for r in rounds for e in r["reset_errors"]})[:3]}
+            "reset_errors": sorted({e for r in rounds for e in r["reset_errors"]})[:3], **labeller}
 
 
 def main(argv=None):
@@ -127,7 +154,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
     p.add_argument("--model", action="store_true", help="serve the bundled tiny model")
     p.add_argument("--max-tokens", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--peer-ref", help="also measure scripts/serve.py of this git commit")
+    p.add_argument("--labeller", type=int, default=0, metavar="N_PAIRS",
+                   help="also run the labeller on N toy pairs at --concurrency CLIENTS")
     args = p.parse_args(argv)
     rows = [measure("ours", REPO / "scripts" / "serve.py", args)]
     print(json.dumps(rows[0]), flush=True)
