@@ -66,6 +66,7 @@ def test_the_same_numbers_as_alpaca_evals_glm(tmp_path, monkeypatch, glm):
 
 
 def test_length_control_discounts_a_length_biased_judge(tmp_path):
+    pytest.importorskip("sklearn")  # requirements-eval.txt (in the test requirements)
     result = alpaca_eval_lc.main([str(_write(tmp_path / "a.json", annotations(200)))])
     assert result["length_controlled_winrate"] < result["win_rate"] - 3
     assert result["weights"]["np.tanh(std_delta_len)"] < 0  # longer output_2: more wins
