@@ -36,8 +36,11 @@ def main(argv=None):
             isinstance(r, dict) and {"output_1", "output_2", "preference"} <= set(r) for r in rows):
         raise SystemExit(f"{args.annotations}: expected a JSON list of rows with output_1, "
                          "output_2 and preference")
-    result = {"annotations": args.annotations,
-              **length_controlled_win_rate(rows, args.glm, args.gamed)}
+    try:
+        lc = length_controlled_win_rate(rows, args.glm, args.gamed)
+    except ValueError as e:  # too few judged pairs, a GLM without its data: one clear line
+        raise SystemExit(f"{args.annotations}: no length-controlled win rate: {e}") from None
+    result = {"annotations": args.annotations, **lc}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.annotations)),
                                    "length_controlled.json")
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")

@@ -60,7 +60,7 @@ fi
 LC_ARGS=(--glm "${LC_GLM:-length_controlled_minimal}")
 [ -n "${GAMED:-}" ] && LC_ARGS+=(--gamed "$GAMED")
 if "$PY" -c "import sklearn" 2> /dev/null; then
-  "$PY" "$HERE/alpaca_eval_lc.py" "$OUT/pairwise/annotations.json" "${LC_ARGS[@]}"
+  "$PY" "$HERE/alpaca_eval_lc.py" "$OUT/pairwise/annotations.json" "${LC_ARGS[@]}" || true
 else
   echo "length-controlled win rate skipped: scikit-learn not installed (pip install -r requirements-eval.txt)"
 fi
@@ -85,6 +85,6 @@ else
       --fn_metric "${AE_METRIC:-get_winrate}" --sort_by win_rate --precomputed_leaderboard None
   # alpaca_eval's own LC metric downloads its GLM data from the hub: the same GLM, offline
   "$PY" "$HERE/alpaca_eval_lc.py" "$AE_DIR/results/annotations.json" "${LC_ARGS[@]}" \
-      --out "$AE_DIR/results/length_controlled.json"
+      --out "$AE_DIR/results/length_controlled.json" || true
 fi
 echo "results: $OUT"
