@@ -37,6 +37,7 @@ def check_config(cfg: DictConfig, world_size: int = 1, overrides=()):
     (an option given there that this run would not read is refused)."""
     from harness.data.sources import DATASETS
     from harness.objectives import get_loss_spec, loss_options
+    from harness.training.judged_eval import check_eval_judge
     from harness.training.options import check_options_read
     from harness.training.strategy import strategy_class
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -52,6 +53,7 @@ def check_config(cfg: DictConfig, world_size: int = 1, overrides=()):
                        f"{loop.__name__} with trainer={cfg.trainer.name}")
     if spec.check is not None:
         spec.check(cfg, world_size)
+    check_eval_judge(cfg.get("eval_judge"))
     if not isinstance(getattr(torch.optim, str(cfg.optimizer), None), type):
         raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class "
                          "(e.g. RMSprop, AdamW, Adam, SGD)")

@@ -22,10 +22,12 @@ from harness.data.packing import pack
 from harness.data.tokens import pad_id, pad_to
 from harness.models import lora
 from harness.models.modeling import packed_sequence_logps, sequence_logps
-from harness.objectives import StepContext, get_loss_spec, loss_options, needs_reference
+from harness.objectives import (StepContext, get_loss_spec, loss_options, needs_reference,
+                                sampling_prompt_suffix)
 from harness.parallel import distributed
 from harness.training import reference_cache, schedule
 from harness.training.checkpoint_writer import CheckpointWriter, TrainState, restore
+from harness.training.judged_eval import JudgedEval, judge_options
 from harness.training.setup import load_splits, make_logger, make_optimizer, make_scheduler
 from harness.training.strategy import make_strategy
 from preference_datasets import BatchIterator, ExampleFormat, split_by_tokens
@@ -64,6 +66,9 @@ class BasicTrainer:
             reference_logps=self.reference_logps if needs_reference(config.loss) else None,
             device=self.device, tokenizer=tokenizer, autocast=self.autocast,
             data=self.example_format, micro_batches=config.gradient_accumulation_steps)
+        judge = judge_options(config.get("eval_judge")) if self.spec.samples else None
+        self.judged = JudgedEval(judge, run_dir, config.seed, sampling_prompt_suffix(config)) \
+            if judge is not None and judge.judge else None
 
     @staticmethod
     def reads(spec, cfg) -> set[str]:
@@ -79,13 +84,13 @@ class BasicTrainer:
             out.add("precompute_reference")
         if spec.samples:
             out |= {"sample_during_eval", "n_eval_model_samples", "sample_max_new_tokens",
-                    "sample_top_p", "sample_temperature"}
+                    "sample_top_p", "sample_temperature", "eval_judge"}
         return out - set(spec.ignores)
 
     @staticmethod
     def behaves_as(spec, cfg) -> dict:
         """Values of options it does not read that the loop behaves as (may be stated)."""
-        return {} if spec.samples else {"sample_during_eval": False}
+        return {} if spec.samples else {"sample_during_eval": False, "eval_judge": None}
 
     # ---- data -------------------------------------------------------------------------------
     def _load_data(self):
@@ -214,6 +219,9 @@ class BasicTrainer:
         if self.spec.samples and self.cfg.sample_during_eval and self.cfg.n_eval_model_samples > 0:
             # every rank samples the same prompts: sharded forwards are collective
             self.logger.log_samples(self.state.examples, self.sample())
+        if self.judged is not None:  # every rank samples, rank 0 judges
+            results.update(self.judged.evaluate(self.policy, self.tokenizer, self.state.examples,
+                                                distributed.world_size() > 1, self.dist.is_main))
         self.logger.log(results, self.state.examples)
         self.print(f"eval @ {self.state.examples} examples: " +
                    ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
@@ -253,8 +261,19 @@ class BasicTrainer:
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
     # ---- the loop -----------------------------------------------------------------------------
+    def prepare_judge(self):
+        """eval_judge's reference completions, before the reference model is freed: the frozen
+        reference, the LoRA policy with adapters off, or the starting policy."""
+        if self.judged is None:
+            return
+        model = self.reference_model if self.reference_model is not None else self.policy
+        with torch.no_grad(), lora.adapters_disabled(model):
+            self.judged.prepare([e.prompt for e in self.eval_batches.examples], model,
+                                self.tokenizer, distributed.world_size() > 1, self.dist.is_main)
+
     def train(self):
         cfg, st = self.cfg, self.state
+        self.prepare_judge()
         self.prepare_reference()
         per_epoch = len(self.train_batches.examples) if not cfg.drop_last else \
             len(self.train_batches) * cfg.batch_size

@@ -17,7 +17,6 @@ OUT_DIR/summary.json, never filled in. The API key comes from the environment on
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.feedback.openai_client import (GaveUp, OpenAIClient, RetryableError, RetryPolicy,  # noqa: E402
-                                   api_key_from_env, choice_of, usage_of)
+from harness.feedback.openai_client import (GaveUp, OpenAIClient, RetryableError,  # noqa: E402
+                                            add_client_args, choice_of, client_from_args,
+                                            default_key_env, usage_of)
 from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import load_prompt_set  # noqa: E402
 
@@ -39,23 +39,17 @@ def parse_args(argv=None):
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
     p.add_argument("--base-url", required=True, help="OpenAI-compatible base URL")
     p.add_argument("--model", required=True, help="teacher model name at the endpoint")
-    p.add_argument("--api-key-env", default=None,
-                   help="environment variable with the API key (default: OPENAI_API_KEY if set)")
     p.add_argument("--system", default="", help="system message sent before each prompt")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-attempts", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--backoff", type=float, default=1.0)
-    p.add_argument("--backoff-max", type=float, default=60.0)
+    add_client_args(p, timeout=120.0)  # key, organisation, project, headers, Azure, retries
     p.add_argument("--retry-failed", action="store_true")
     p.add_argument("--price-input", type=float, default=0.0, help="$ per 1M prompt tokens")
     p.add_argument("--price-output", type=float, default=0.0, help="$ per 1M completion tokens")
     args = p.parse_args(argv)
-    if args.api_key_env is None and "OPENAI_API_KEY" in os.environ:
-        args.api_key_env = "OPENAI_API_KEY"
+    default_key_env(args)
     return args
 
 
@@ -96,8 +90,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = load_prompt_set(args.prompts, args.split)[:args.max_prompts]
     out = Path(args.out_dir)
-    client = OpenAIClient(args.base_url, api_key_from_env(args.api_key_env),
-                          RetryPolicy(args.max_attempts, args.timeout, args.backoff, args.backoff_max))
+    client = client_from_args(args, args.base_url)
     config = {"teacher": args.model, "system": args.system, "max_tokens": args.max_tokens,
               "temperature": args.temperature}
     keys = [hashlib.sha256(p.encode("utf-8")).hexdigest()[:16] for p in prompts]

@@ -19,13 +19,18 @@
 #   MAX_NEW_TOKENS    default 128;  OUT_ROOT: default .cache/eval;  PYTHON: default python
 #   ALPACA_EVAL       the alpaca_eval command (default alpaca_eval; see requirements-eval.txt)
 #
+#   LC_GLM            length_controlled_minimal (default), _noreg or _v1 (these need GAMED)
+#   GAMED             alpaca_eval's df_gamed.csv (for the AlpacaEval set's own instructions)
+#
 # Steps: (1) NAME's outputs on the instruction set, (2) the reference outputs, (3) our pairwise
 # judged win rate of NAME over the reference (both orders, ties, 95% interval; no alpaca_eval
-# needed) in OUT_ROOT/NAME/pairwise/summary.json, (4) with an LLM judge and alpaca_eval installed,
-# alpaca_eval on the same two files with an annotator config pointing at JUDGE_BASE_URL, its
-# annotations cached under OUT_ROOT/NAME/alpaca_eval/ (never in the installed package).
+# needed) in OUT_ROOT/NAME/pairwise/summary.json, and AlpacaEval 2's length-controlled win rate
+# of those annotations in OUT_ROOT/NAME/pairwise/length_controlled.json, (4) with an LLM judge
+# and alpaca_eval installed, alpaca_eval on the same two files with an annotator config pointing
+# at JUDGE_BASE_URL (its annotations under OUT_ROOT/NAME/alpaca_eval/, never in the installed
+# package), and the length-controlled win rate of its annotations, computed offline.
 set -euo pipefail
-if [ $# -lt 2 ]; then sed -n '2,30p' "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,34p' "$0" >&2; exit 2; fi
 CKPT=$1; NAME=$2; JUDGE=${3:-llm}; TEMP=${4:-0.7}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PY=${PYTHON:-python}
@@ -52,6 +57,13 @@ if [ "$JUDGE" = llm ]; then
 fi
 "$PY" "$HERE/label_ai_preferences.py" --samples "$REFERENCE" "$OUT/model_outputs.json" \
     --out-dir "$OUT/pairwise" "${JUDGE_ARGS[@]}"
+LC_ARGS=(--glm "${LC_GLM:-length_controlled_minimal}")
+[ -n "${GAMED:-}" ] && LC_ARGS+=(--gamed "$GAMED")
+if "$PY" -c "import sklearn" 2> /dev/null; then
+  "$PY" "$HERE/alpaca_eval_lc.py" "$OUT/pairwise/annotations.json" "${LC_ARGS[@]}" || true
+else
+  echo "length-controlled win rate skipped: scikit-learn not installed (pip install -r requirements-eval.txt)"
+fi
 
 echo "== 4. alpaca_eval"
 AE=${ALPACA_EVAL:-alpaca_eval}
@@ -63,12 +75,16 @@ else
   "$PY" "$HERE/alpaca_eval_config.py" --template "$TEMPLATE" --judge-model "$JUDGE_MODEL" \
       --out-dir "$OUT/alpaca_eval/config" > /dev/null
   mkdir -p "$OUT/alpaca_eval/results"
+  AE_DIR="$(cd "$OUT/alpaca_eval" && pwd)"  # alpaca_eval reads a relative config path as its own
   KEY_VAR=${API_KEY_ENV:-OPENAI_API_KEY}
   # alpaca_eval reads the key from OPENAI_API_KEY; a local server needs none, so pass a dummy
   OPENAI_API_KEY="${!KEY_VAR:-no-key-local-server}" OPENAI_API_BASE="$JUDGE_BASE_URL" \
   HF_HUB_OFFLINE=1 "$AE" --model_outputs "$OUT/model_outputs.json" --reference_outputs "$REFERENCE" \
-      --annotators_config "$OUT/alpaca_eval/config/our_judge" --name "$NAME" \
-      --output_path "$OUT/alpaca_eval/results" --caching_path "$OUT/alpaca_eval/annotations_cache.json" \
+      --annotators_config "$AE_DIR/config/our_judge" --name "$NAME" \
+      --output_path "$AE_DIR/results" --caching_path "$AE_DIR/annotations_cache.json" \
       --fn_metric "${AE_METRIC:-get_winrate}" --sort_by win_rate --precomputed_leaderboard None
+  # alpaca_eval's own LC metric downloads its GLM data from the hub: the same GLM, offline
+  "$PY" "$HERE/alpaca_eval_lc.py" "$AE_DIR/results/annotations.json" "${LC_ARGS[@]}" \
+      --out "$AE_DIR/results/length_controlled.json" || true
 fi
 echo "results: $OUT"

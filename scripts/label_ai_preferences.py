@@ -18,7 +18,6 @@ them). The API key is read from the environment variable named by --api-key-env,
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
 from harness.feedback.judges import JUDGES, make_judge  # noqa: E402
-from harness.feedback.openai_client import GaveUp  # noqa: E402
+from harness.feedback.openai_client import GaveUp, add_client_args, default_key_env  # noqa: E402
 from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import make_pairs, read_samples  # noqa: E402
-from harness.evaluation.stats import win_rate  # noqa: E402
+from harness.feedback.win_rate import win_rate  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,9 +42,6 @@ def parse_args(argv=None):
                                                   "NAME:ARG (gold:toy)")
     p.add_argument("--judge-base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", help="model name sent to the endpoint")
-    p.add_argument("--api-key-env", default=None,
-                   help="environment variable holding the API key (default: OPENAI_API_KEY when "
-                        "set, else no key); a variable named here must be set")
     p.add_argument("--template", default="default", help="judge prompt: a name in "
                                                          "assets/judge_templates/ or a JSON file")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
@@ -53,10 +49,7 @@ def parse_args(argv=None):
                    help="read the verdict from the answer text or the answer token's logprobs")
     p.add_argument("--judge-max-tokens", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--max-attempts", type=int, default=5, help="then the item is marked failed")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry waits up to this (s)")
-    p.add_argument("--backoff-max", type=float, default=60.0)
+    add_client_args(p)  # key, organisation, project, headers, Azure, retries
     p.add_argument("--retry-failed", action="store_true",
                    help="judge again the units a previous run marked failed")
     p.add_argument("--allow-unmatched", action="store_true",
@@ -65,8 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--price-input", type=float, default=0.0, help="$ per 1M prompt tokens")
     p.add_argument("--price-output", type=float, default=0.0, help="$ per 1M completion tokens")
     args = p.parse_args(argv)
-    if args.api_key_env is None and "OPENAI_API_KEY" in os.environ:
-        args.api_key_env = "OPENAI_API_KEY"
+    default_key_env(args)
     if len(args.samples) > 2:
         p.error("--samples takes one or two files")
     if args.concurrency < 1 or args.max_attempts < 1:

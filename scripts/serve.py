@@ -5,208 +5,268 @@
     python scripts/serve.py --gold-judge judge=toy --judge-template toy --port 8000
     curl http://127.0.0.1:8000/v1/chat/completions -d '{"model": "policy", "messages": [...]}'
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with logprobs /
-top_logprobs), GET /health. A checkpoint is anything harness.models.generation.load_checkpoint takes:
-a policy.pt (base model from its run's config.yaml or --base-model), a checkpoint or run dir,
-or a Hugging Face model dir. Chat prompts use the tokenizer's chat template when it has one,
-else the harness dialogue format ("\\n\\nHuman: ...\\n\\nAssistant:"). Concurrent requests are
-batched on one model thread. Bad input gets a 4xx JSON error with a message, never a crash.
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
+(n, logprobs / top_logprobs, echo, stop strings, seeds, streaming as server-sent events with
+the usage in a last chunk when stream_options asks), GET /health. A checkpoint is anything
+harness.models.modeling.load_checkpoint takes: a policy.pt (base model from its run's
+config.yaml or --base-model), a checkpoint or run dir, or a Hugging Face model dir. Chat
+prompts use the tokenizer's chat template when it has one, else the harness dialogue format
+("\\n\\nHuman: ...\\n\\nAssistant:"). Concurrent requests are batched on one model thread
+(harness/feedback/serving.py, the engine); what the server cannot do (tools, response_format,
+penalties, ...) gets a 400 naming the key, other bad input a 4xx JSON error, never a crash.
 
-Why the standard library (http.server.ThreadingHTTPServer): no new dependency, real HTTP/1.1
-with keep-alive, a thread per connection, and the model runs on one batching thread anyway,
-so an async stack would buy nothing on CPU. For GPU throughput serve the exported model with
-vLLM instead, which exposes the same API: `vllm serve OUT_DIR --served-model-name policy`.
+Why Starlette on uvicorn: it is the ASGI stack vLLM's OpenAI server runs on (FastAPI is
+Starlette plus pydantic request models, which our own validation makes unnecessary). One event
+loop holds every connection (a listen backlog of 2048: 64 and more clients connect at once
+without resets), streams server-sent events, notices clients that leave (their rows stop
+generating) and shuts down gracefully; the model still runs on one batching thread.
+scripts/bench/bench_serve.py measures it against the stdlib server it replaced. For GPU
+throughput serve the exported model with vLLM instead, which exposes the same API:
+`vllm serve OUT_DIR --served-model-name policy`.
 
 --faults (testing only) makes the server misbehave on purpose: each distinct request body
-gets the listed faults on its 1st, 2nd, ... attempt (429, 500, hang, close, garbage, empty),
-then a normal answer; --fail-always SUBSTR answers 500 forever to bodies containing SUBSTR.
+gets the listed faults on its 1st, 2nd, ... attempt (429 with Retry-After 0, 429date with an
+HTTP-date Retry-After 2 s ahead, 429ms with retry-after-ms 300, 500, hang, close, garbage,
+empty), then a normal answer; --fail-always SUBSTR answers 500 forever to bodies containing it.
 """
 
 import argparse
+import asyncio
+import email.utils
 import hashlib
 import json
+import socket
 import sys
 import threading
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.models.generation import add_speed_args, speed_options  # noqa: E402
+from harness.feedback.openai_api import HttpError, answer, chunk, usage  # noqa: E402
 from harness.feedback.openai_client import api_key_from_env  # noqa: E402
-from harness.feedback.serving import (Batcher, HttpError, ModelBackend, ScriptedJudge,  # noqa: E402
-                             parse_messages, parse_params, parse_prompts)
+from harness.feedback.serving import Batcher, ModelBackend, ScriptedJudge, Sink, prepare  # noqa: E402
+from harness.models.generation import add_speed_args, speed_options  # noqa: E402
 
 MAX_BODY = 16 * 2**20
-FAULTS = ("429", "500", "hang", "close", "garbage", "empty")
+BACKLOG = 2048
+FAULTS = ("429", "429date", "429ms", "500", "hang", "close", "garbage", "empty")
 
 
-# ---------------------------------------------------------------- OpenAI answers
+class ServerState:
+    """What the routes share: the backends, the batcher, the key, and the fault injector with
+    its counters (tests read requests_per_body, request_times, faults_served)."""
 
-def _chat_logprobs(rows):
-    return {"content": [{"token": r["token"], "logprob": r["logprob"],
-                         "bytes": list(r["token"].encode("utf-8")),
-                         "top_logprobs": [{**a, "bytes": list(a["token"].encode("utf-8"))}
-                                          for a in r["top_logprobs"]]} for r in rows]}
-
-
-def _completion_logprobs(rows):
-    offsets, pos = [], 0
-    for r in rows:
-        offsets.append(pos)
-        pos += len(r["token"])
-    return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
-            "top_logprobs": [None if r["top_logprobs"] is None else
-                             {a["token"]: a["logprob"] for a in r["top_logprobs"]} for r in rows],
-            "text_offset": offsets}
-
-
-def handle_completion(server, body: dict, chat: bool) -> dict:
-    if not isinstance(body, dict):
-        raise HttpError(400, "the request body must be a JSON object")
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise HttpError(400, "'model' is required (GET /v1/models lists them)", "model")
-    backend = server.backends.get(name)
-    if backend is None:
-        raise HttpError(404, f"model {name!r} not found; available: {sorted(server.backends)}",
-                        "model")
-    params = parse_params(body, chat, server.max_new_tokens)
-    prompts = [backend.chat_prompt(parse_messages(body))] if chat else parse_prompts(body)
-    backend.check_length(prompts, params)
-    expanded = [p for p in prompts for _ in range(params.n)]
-    if backend.batched:
-        outs = server.batcher.submit(backend, expanded, params).result()
-    else:
-        outs = backend.generate(expanded, params)
-    choices = []
-    for i, out in enumerate(outs):
-        choice = {"index": i, "finish_reason": out["finish_reason"], "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": out["text"]}
-            if params.top_logprobs is not None:
-                choice["logprobs"] = _chat_logprobs(out["logprobs"])
-        else:
-            choice["text"] = out["text"]
-            if params.top_logprobs is not None:
-                choice["logprobs"] = _completion_logprobs(out["logprobs"])
-        choices.append(choice)
-    prompt_tokens = sum(o["prompt_tokens"] for o in outs[::params.n])
-    completion_tokens = sum(o["completion_tokens"] for o in outs)
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": name, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
-
-# ---------------------------------------------------------------- HTTP
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
-
-    def log_message(self, fmt, *args):  # one line per request, never headers (API keys)
-        if not self.server.quiet:
-            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
-
-    def _send(self, status: int, payload, headers=()):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in headers:
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [
-                {"id": name, "object": "model", "created": self.server.started, "owned_by": "local"}
-                for name in sorted(self.server.backends)]})
-        elif self.path == "/health":
-            self._send(200, {"status": "ok"})
-        else:
-            self._send(404, HttpError(404, f"no route GET {self.path}").body())
-
-    def do_POST(self):
-        try:
-            self._post()
-        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer
-            self.close_connection = True
-
-    def _post(self):
-        routes = {"/v1/completions": False, "/v1/chat/completions": True}
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self.close_connection = True
-                raise HttpError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
-            raw = self.rfile.read(length)
-            if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
-                raise HttpError(401, "missing or wrong API key (Authorization: Bearer ...)")
-            if self.path.rstrip("/") not in routes:
-                raise HttpError(404, f"no route POST {self.path}; use {sorted(routes)}")
-            if self.server.inject_fault(raw, self):
-                return
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise HttpError(400, f"malformed JSON body: {e}") from None
-            self._send(200, handle_completion(self.server, body, routes[self.path.rstrip("/")]))
-        except HttpError as e:
-            self._send(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug or OOM answers 500, the server lives on
-            self._send(500, HttpError(500, f"internal error: {type(e).__name__}: {e}").body())
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address, backends: dict, batcher: Batcher, max_new_tokens: int = 512,
-                 faults=(), fail_always=None, hang_s: float = 30.0, delay_s: float = 0.0,
-                 quiet: bool = False, api_key: str | None = None):
-        super().__init__(address, Handler)
+    def __init__(self, backends: dict, batcher: Batcher, max_new_tokens: int = 512, faults=(),
+                 fail_always=None, hang_s: float = 30.0, delay_s: float = 0.0,
+                 api_key: str | None = None):
         self.backends, self.batcher, self.max_new_tokens = backends, batcher, max_new_tokens
         self.faults, self.fail_always, self.hang_s, self.delay_s = list(faults), fail_always, hang_s, delay_s
-        self.quiet, self.started, self.api_key = quiet, int(time.time()), api_key
+        self.api_key, self.started = api_key, int(time.time())
         self.requests_per_body: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.request_times: dict[str, list[float]] = {}
         self.faults_served: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def inject_fault(self, raw: bytes, handler: Handler) -> bool:
-        """Misbehave as configured; True when the request was answered (or dropped) here."""
+    def authorized(self, headers) -> bool:
+        if not self.api_key:
+            return True
+        return headers.get("authorization") == f"Bearer {self.api_key}" or \
+            headers.get("api-key") == self.api_key
+
+    async def inject_fault(self, raw: bytes):
+        """A Response that misbehaves as configured, or None to answer normally."""
         key = hashlib.sha256(raw).hexdigest()
         with self._lock:  # requests per distinct body: also lets tests count relabelling
             attempt = self.requests_per_body.get(key, 0)
             self.requests_per_body[key] = attempt + 1
+            self.request_times.setdefault(key, []).append(time.monotonic())
         if self.delay_s:
-            time.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)
         fault = None
         if self.fail_always and self.fail_always.encode("utf-8") in raw:
             fault = "500"
         elif attempt < len(self.faults):
             fault = self.faults[attempt]
         if fault is None:
-            return False
+            return None
         with self._lock:
             self.faults_served[fault] = self.faults_served.get(fault, 0) + 1
-        if fault in ("429", "500"):
-            handler._send(int(fault), HttpError(int(fault), f"injected fault {fault}").body(),
-                          [("Retry-After", "0")] if fault == "429" else [])
-        elif fault == "garbage":
-            handler._send(200, b"<html>upstream overloaded</html>")
-        elif fault == "empty":
-            handler._send(200, {"id": "x", "choices": []})
-        else:  # hang, close: no answer at all
-            if fault == "hang":
-                time.sleep(self.hang_s)
-            handler.close_connection = True
-        return True
+        return await fault_response(fault, self.hang_s)
+
+
+async def fault_response(fault: str, hang_s: float):
+    from starlette.responses import JSONResponse, Response
+    if fault.startswith("429") or fault == "500":
+        status = int(fault[:3])
+        headers = {"429": {"Retry-After": "0"}, "429ms": {"retry-after-ms": "300"},
+                   "429date": {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)},
+                   }.get(fault, {})
+        return JSONResponse(HttpError(status, f"injected fault {fault}").body(), status, headers)
+    if fault == "garbage":
+        return Response(b"<html>upstream overloaded</html>", 200, media_type="application/json")
+    if fault == "empty":
+        return JSONResponse({"id": "x", "choices": []})
+    if fault == "hang":
+        await asyncio.sleep(hang_s)
+    return DropConnection()
+
+
+class DropConnection:
+    """Promise a body, send none and return: uvicorn closes the connection mid-answer, which
+    the client sees as a dropped connection."""
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")]})
+
+
+# ---------------------------------------------------------------- routes
+
+def error(e: HttpError):
+    from starlette.responses import JSONResponse
+    return JSONResponse(e.body(), e.status)
+
+
+async def generate(state: ServerState, prep, sinks=None) -> list[dict]:
+    if prep.backend.batched:
+        future = state.batcher.submit(prep.backend, prep.prompts, prep.params, prep.keys, sinks)
+        return await asyncio.wrap_future(future)
+    # a scripted judge is a few microseconds of Python: it answers on the event loop
+    return prep.backend.generate(prep.prompts, prep.params, prep.keys, sinks)
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def stream(state: ServerState, prep):
+    """Server-sent events: each choice's text as it is made, then its finish reason, the usage
+    (stream_options.include_usage) and [DONE]. A client that leaves stops its rows."""
+    loop, queue, p = asyncio.get_running_loop(), asyncio.Queue(), prep.params
+    sinks = [Sink(lambda text, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, text)))
+             for i in range(len(prep.prompts))]
+    head, sent = prep.head(chunk=True), [prompt if p.echo else "" for prompt in prep.prompts]
+    task = asyncio.ensure_future(generate(state, prep, sinks))
+    task.add_done_callback(lambda _: queue.put_nowait(None))  # after every queued piece
+    try:
+        for i, text in enumerate(sent):
+            if prep.chat or text:
+                yield sse(chunk(head, i, prep.chat, text or None, first=prep.chat,
+                                with_usage=p.include_usage))
+        while (item := await queue.get()) is not None:
+            sent[item[0]] += item[1]
+            yield sse(chunk(head, item[0], prep.chat, item[1], with_usage=p.include_usage))
+        try:
+            outs = task.result()
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in it
+            yield sse(HttpError(500, f"internal error: {type(e).__name__}: {e}").body())
+            return
+        for i, out in enumerate(outs):
+            rest = out["text"][len(sent[i]):] if out["text"].startswith(sent[i]) else ""
+            yield sse(chunk(head, i, prep.chat, rest or None, out["finish_reason"],
+                            with_usage=p.include_usage))
+        if p.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(outs, p.n)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():  # the client left mid-stream: stop generating for it
+            for sink in sinks:
+                sink.cancelled = True
+
+
+async def complete(request, chat: bool):
+    from starlette.responses import JSONResponse, StreamingResponse
+    state: ServerState = request.app.state.server
+    try:
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_BODY:
+            raise HttpError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
+        raw = await request.body()
+        if not state.authorized(request.headers):
+            raise HttpError(401, "missing or wrong API key (Authorization: Bearer ... or api-key)")
+        fault = await state.inject_fault(raw)
+        if fault is not None:
+            return fault
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HttpError(400, f"malformed JSON body: {e}") from None
+        prep = prepare(body, chat, state.backends, state.max_new_tokens)
+        if prep.params.stream:
+            return StreamingResponse(stream(state, prep), media_type="text/event-stream")
+        return JSONResponse(answer(prep.head(), await generate(state, prep), prep.params, chat))
+    except HttpError as e:
+        return error(e)
+    except Exception as e:  # noqa: BLE001 - a bug or OOM answers 500, the server lives on
+        return error(HttpError(500, f"internal error: {type(e).__name__}: {e}"))
+
+
+def model_card(state: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "local"}
+
+
+def make_app(state: ServerState):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [model_card(state, name)
+                                                         for name in sorted(state.backends)]})
+
+    async def model(request):
+        name = request.path_params["name"]
+        if name not in state.backends:
+            return error(HttpError(404, f"model {name!r} not found; available: "
+                                        f"{sorted(state.backends)}", "model"))
+        return JSONResponse(model_card(state, name))
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def no_route(request, exc):
+        routes = "GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions"
+        return error(HttpError(exc.status_code, f"no route {request.method} {request.url.path}; "
+                                                f"use {routes}"))
+
+    async def chat(request):
+        return await complete(request, True)
+
+    async def completions(request):
+        return await complete(request, False)
+
+    app = Starlette(routes=[
+        Route("/v1/models", models), Route("/v1/models/{name:path}", model),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)],
+        exception_handlers={404: no_route, 405: no_route})
+    app.state.server = state
+    return app
+
+
+class Server:
+    """uvicorn serving `state` on a socket bound (and listening) before it starts, so the
+    printed URL is connectable at once; `serve_forever` blocks, `shutdown` ends it."""
+
+    def __init__(self, host: str, port: int, state: ServerState, quiet: bool = False):
+        import uvicorn
+        self.state = state
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(BACKLOG)
+        self.address = self.sock.getsockname()[:2]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            make_app(state), log_level="critical" if quiet else "info", access_log=not quiet,
+            backlog=BACKLOG, lifespan="off", timeout_graceful_shutdown=2))
+
+    def serve_forever(self):
+        self.uvicorn.run(sockets=[self.sock])
+
+    def shutdown(self):
+        self.uvicorn.should_exit = True
 
 
 # ---------------------------------------------------------------- CLI
@@ -275,21 +335,17 @@ def _cuda() -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
-    backends = build_backends(args)
-    server = Server((args.host, args.port), backends,
-                    Batcher(args.max_batch_size, args.batch_wait_ms / 1000), args.max_new_tokens,
-                    args.faults, args.fail_always, args.hang_seconds, args.delay, args.quiet,
-                    api_key_from_env(args.api_key_env))
-    host, port = server.server_address[:2]
+    state = ServerState(build_backends(args), Batcher(args.max_batch_size, args.batch_wait_ms / 1000),
+                        args.max_new_tokens, args.faults, args.fail_always, args.hang_seconds,
+                        args.delay, api_key_from_env(args.api_key_env))
+    server = Server(args.host, args.port, state, args.quiet)
+    host, port = server.address
     # the exact line tests and scripts wait for: the base URL, once the socket is listening
-    print(f"serving {sorted(backends)} at http://{host}:{port}/v1", flush=True)
+    print(f"serving {sorted(state.backends)} at http://{host}:{port}/v1", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        server.server_close()
-        server.batcher.close()
+        state.batcher.close()
 
 
 if __name__ == "__main__":

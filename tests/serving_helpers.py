@@ -1,4 +1,4 @@
-"""Start scripts/serve.py's server in-process on 127.0.0.1:0 (real HTTP) for the tests."""
+"""Start scripts/serve.py's server in-process on 127.0.0.1:0 (real HTTP, uvicorn in a thread)."""
 
 import contextlib
 import importlib.util
@@ -18,24 +18,35 @@ serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
 
+def write_samples(path: Path, n: int, split="train") -> Path:
+    """A one-file sample set: the toy task's two base responses per prompt."""
+    from harness.data.toy_task import toy_records
+    from harness.feedback.sample_files import sample_row
+    with open(path, "w") as f:
+        for prompt, rec in toy_records(split, n).items():
+            f.write(json.dumps(sample_row(prompt, rec["responses"], "toy-base", {})) + "\n")
+    return path
+
+
 def toy_judge(name="judge"):
     return ScriptedJudge(name, get_gold_reward("toy"), load_template("toy"))
 
 
 @contextlib.contextmanager
 def running_server(backends: dict, **kwargs):
-    """Yield (server, base_url) of a server on a free loopback port; shut it down after."""
-    server = serve.Server(("127.0.0.1", 0), backends, Batcher(kwargs.pop("max_batch", 16),
-                                                              kwargs.pop("wait_s", 0.05)),
-                          quiet=True, **kwargs)
+    """Yield (the server's state, base_url) of a server on a free loopback port; shut it down
+    after. The state has the backends, the batcher and the fault counters."""
+    state = serve.ServerState(backends, Batcher(kwargs.pop("max_batch", 16),
+                                                kwargs.pop("wait_s", 0.05)), **kwargs)
+    server = serve.Server("127.0.0.1", 0, state, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield state, f"http://127.0.0.1:{server.address[1]}/v1"
     finally:
         server.shutdown()
-        server.server_close()
-        server.batcher.close()
+        thread.join(timeout=30)
+        state.batcher.close()
 
 
 def http(url: str, body=None, raw: bytes | None = None, method=None):

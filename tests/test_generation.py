@@ -68,6 +68,18 @@ def test_keyed_sampling_draws_from_softmax_at_temperature():
     assert not torch.equal(next_step[0], scores[5])
 
 
+def test_keyed_sampling_with_top_p_draws_from_the_nucleus():
+    """top_p=0.9 at T=1 on probabilities 0.6, 0.25, 0.1, 0.05: HF's warper keeps the tokens
+    outside the lowest 10% of the mass (0.6, 0.25, 0.1); draws follow them renormalised."""
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    n = 40_000
+    scores = KeyedSampling(11, list(range(n)), 1.0, prompt_width=1, top_p=0.9)(
+        torch.zeros(n, 1, dtype=torch.long), probs.log().expand(n, 4))
+    freq = torch.bincount(scores.argmax(-1), minlength=4) / n
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.25, 0.1, 0.0]) / 0.95, atol=0.006, rtol=0)
+    assert scores[:, 3].isinf().all()  # never drawn, whatever the noise
+
+
 def test_keyed_samples_do_not_depend_on_the_batch(tiny):
     model, tok = tiny
     keys = [10, 11, 12, 13, 14, 15]
@@ -87,7 +99,7 @@ def test_keyed_samples_do_not_depend_on_the_batch(tiny):
                         progress=False, keys=keys)
     assert whole != other_seed
     with pytest.raises(ValueError, match="keyed sampling"):
-        sample(model, tok, PROMPTS, SamplingConfig(top_p=0.9), progress=False, keys=keys)
+        sample(model, tok, PROMPTS, SamplingConfig(temperature=0), progress=False, keys=keys)
 
 
 def test_left_padding_does_not_change_greedy_completions(tiny):

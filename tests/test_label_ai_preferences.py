@@ -12,24 +12,14 @@ from pathlib import Path
 import pytest
 
 from harness.data.gold import get_gold_reward
-from harness.data.toy_task import toy_records
 from harness.data.dialogue import human_prompt as prompt_of
-from harness.feedback.sample_files import sample_row
-from serving_helpers import ROOT, running_server, serve, toy_judge  # noqa: F401
+from serving_helpers import ROOT, running_server, serve, toy_judge, write_samples  # noqa: F401
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import label_ai_preferences as labeller  # noqa: E402
 
 GOLD = get_gold_reward("toy")
 FAST_RETRY = ["--backoff", "0.01", "--backoff-max", "0.05"]
-
-
-def write_samples(path: Path, n: int, split="train") -> Path:
-    """A one-file sample set: the toy task's two base responses per prompt."""
-    with open(path, "w") as f:
-        for prompt, rec in toy_records(split, n).items():
-            f.write(json.dumps(sample_row(prompt, rec["responses"], "toy-base", {})) + "\n")
-    return path
 
 
 def gold_sign(row) -> int:
@@ -79,16 +69,19 @@ def test_gold_judge_labels_without_a_server(tmp_path):
 def test_faults_are_retried_and_permanent_failures_listed(tmp_path):
     samples = write_samples(tmp_path / "s.jsonl", 5)
     broken = next(json.loads(x)["instruction"] for x in open(samples))
-    faults = ["429", "500", "hang", "close", "garbage", "empty"]
+    faults = ["429date", "429ms", "500", "hang", "close", "garbage", "empty"]
     with running_server({"judge": toy_judge()}, faults=faults, fail_always=broken,
                         hang_s=2.0) as (srv, url):
         summary = label([samples], tmp_path / "out",
-                        *llm_args(url, "--max-attempts", "7", "--timeout", "0.5"))
+                        *llm_args(url, "--max-attempts", "8", "--timeout", "0.5"))
     # 4 good pairs x 2 orders met every fault once, then an answer; the broken pair's 2 orders
-    # got 7 x 500 each and were given up
-    assert srv.faults_served == {"429": 8, "500": 8 + 14, "hang": 8, "close": 8, "garbage": 8,
-                                 "empty": 8}
-    assert summary["this_run"] == {"done": 8, "failed": 2, "retries": 8 * 6 + 2 * 6}
+    # got 8 x 500 each and were given up
+    assert srv.faults_served == {"429date": 8, "429ms": 8, "500": 8 + 16, "hang": 8, "close": 8,
+                                 "garbage": 8, "empty": 8}
+    assert summary["this_run"] == {"done": 8, "failed": 2, "retries": 8 * 7 + 2 * 7}
+    # the backoff here is at most 0.05 s: the 8 good units waited the servers' Retry-After,
+    # an HTTP date 2 s ahead (in whole seconds) and then retry-after-ms: 300
+    assert sum(t[1] - t[0] > 0.9 and t[2] - t[1] >= 0.29 for t in srv.request_times.values()) == 8
     rows = json.loads((tmp_path / "out" / "annotations.json").read_text())
     failed = [r for r in rows if r["preference"] is None]
     assert [r["instruction"] for r in failed] == [broken]  # never guessed
@@ -97,6 +90,8 @@ def test_faults_are_retried_and_permanent_failures_listed(tmp_path):
     assert [f["pair_id"] for f in summary["failed_items"]] == [failed[0]["pair_id"]]
     assert "HTTP 500" in summary["failed_items"][0]["last_error"]
     assert summary["win_rate_output_2"]["failed"] == 1
+    keys = [json.loads(x)["key"] for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 10  # no duplicate, none missing
 
 
 def test_failed_units_stay_failed_until_retried(tmp_path):

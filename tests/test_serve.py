@@ -122,7 +122,7 @@ def test_scripted_judge_answers_from_the_gold_reward(server):
     ("/completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "'top_p' must be in"),
     ("/completions", {"model": "tiny", "prompt": "x", "n": 99}, 400, "'n' must be in"),
     ("/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "'logprobs' must be in"),
-    ("/completions", {"model": "tiny", "prompt": "x", "stream": True}, 400, "not supported"),
+    ("/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, 400, "not supported"),
     ("/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "'stop' must be"),
     ("/chat/completions", {"model": "tiny", "messages": []}, 400, "'messages' must be"),
     ("/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
@@ -175,7 +175,7 @@ def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one(server):
 
 def test_a_failing_model_answers_500_and_the_server_lives_on(server):
     class Broken(ModelBackend):
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, keys=None, sinks=None):
             raise RuntimeError("CUDA out of memory (simulated)")
     tiny = server[0].backends["tiny"]
     with running_server({"broken": Broken("broken", tiny.model, tiny.tok), "tiny": tiny}) as (_, url):

@@ -6,7 +6,7 @@ import pytest
 
 from harness.feedback.judges import load_template, verdict_from_logprobs, verdict_from_text
 from harness.feedback.openai_client import RetryableError
-from harness.evaluation.stats import Z_95, win_rate
+from harness.feedback.win_rate import Z_95, win_rate
 from harness.feedback.judges import combine_orders
 
 

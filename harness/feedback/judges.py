@@ -166,14 +166,13 @@ class LLMJudge:
     units = ORDERS
 
     def __init__(self, arg, args):
-        from harness.feedback.openai_client import OpenAIClient, RetryPolicy, api_key_from_env
+        from harness.feedback.openai_client import client_from_args
         if not args.judge_base_url or not args.judge_model:
             raise ValueError("--judge llm needs --judge-base-url and --judge-model")
         self.template = load_template(args.template)
         self.model, self.endpoint, self.verdict = args.judge_model, args.endpoint, args.verdict
         self.max_tokens = 1 if self.verdict == "logprobs" else args.judge_max_tokens
-        policy = RetryPolicy(args.max_attempts, args.timeout, args.backoff, args.backoff_max)
-        self.client = OpenAIClient(args.judge_base_url, api_key_from_env(args.api_key_env), policy)
+        self.client = client_from_args(args, args.judge_base_url)
         self.name = f"llm:{self.model}"
         self.config = {"judge": "llm", "model": self.model, "endpoint": self.endpoint,
                        "verdict": self.verdict, "max_tokens": self.max_tokens,

@@ -1,18 +1,26 @@
-"""The engine behind scripts/serve.py: OpenAI request validation, batched generation, answers.
+"""The engine behind scripts/serve.py: prepared requests, batched generation, stop strings,
+streaming and per-request seeds.
 
     backend = ModelBackend("policy", *load_checkpoint(path))   # any checkpoint form
     backend = ScriptedJudge("judge", get_gold_reward("toy"), load_template("toy"))
     batcher = Batcher(max_batch=16, wait_s=0.01)                # one model thread, many clients
-    answer = handle_completions(body, backends, batcher, chat=True)
+    request = prepare(body, chat=True, backends=backends, max_new_tokens=512)
+    outs = batcher.submit(request.backend, request.prompts, request.params, request.keys).result()
 
-Validation raises `HttpError(status, message)`; the HTTP layer turns it into a 4xx JSON error.
-Concurrent requests are queued and the batcher runs them together: requests with equal
-sampling settings share one generate() call. Log-probs are those of the model's own
+Validation (harness/feedback/openai_api.py) raises `HttpError`; the HTTP layer turns it into a
+4xx JSON error. Concurrent requests are queued and the batcher runs them together: requests with
+equal generation settings share one generate() call whatever their seeds, because sampling is
+keyed per row (harness.models.generation.KeyedSampling): a choice depends on its request's seed,
+its index and its prompt only, never on its batch-mates. Stop strings end a row's generation as
+soon as they appear (usage counts the tokens kept); a streamed row gets its text as it is made,
+holding back what could still become a stop string. Log-probs are those of the model's own
 distribution (temperature 1, no top_p), as vLLM reports them by default.
 """
 
+import hashlib
 import math
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -20,112 +28,127 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria
 
 from harness.data.dialogue import human_prompt, messages_prompt
-
-MAX_N, MAX_TOP_LOGPROBS, MAX_STOP = 16, 20, 4
-UNSUPPORTED = {"stream": False, "best_of": 1, "presence_penalty": 0,
-               "frequency_penalty": 0, "logit_bias": None, "suffix": None}
+from harness.feedback.openai_api import (HttpError, Params, parse_messages, parse_params,
+                                         parse_prompts)
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.status}}
+def row_key(seed: int, index: int) -> int:
+    """The sampling key of choice `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # a non-negative int64
 
 
-@dataclass(frozen=True)
-class Params:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    n: int
-    top_logprobs: int | None  # None: no logprobs
-    stop: tuple[str, ...]
-    seed: int | None
-    echo: bool = False  # completions: return the prompt too (with its log-probs): lm-eval
+@dataclass
+class Prepared:
+    """A validated request: the backend, its expanded prompts (n per prompt) and their keys."""
+    name: str
+    backend: object
+    params: Params
+    prompts: list[str]
+    keys: list[int]
+    chat: bool
+
+    def head(self, chunk: bool = False) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + \
+            (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.name}
+
+    def __post_init__(self):
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
 
 
-# ---------------------------------------------------------------- validation
-
-def _number(body, key, default, lo, hi, integer=False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not float(value).is_integer()):
-        raise HttpError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, "
-                             f"got {value!r}", key)
-    if not lo <= value <= hi:
-        raise HttpError(400, f"'{key}' must be in [{lo}, {hi}], got {value}", key)
-    return int(value) if integer else float(value)
-
-
-def parse_params(body: dict, chat: bool, max_new_tokens: int) -> Params:
-    for key, default in UNSUPPORTED.items():
-        if body.get(key, default) not in (default, None):
-            raise HttpError(400, f"'{key}'={body[key]!r} is not supported by this server", key)
-    if chat:
-        if not isinstance(body.get("logprobs", False), bool):
-            raise HttpError(400, "'logprobs' must be true or false for chat completions", "logprobs")
-        top = _number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
-        if "top_logprobs" in body and not body.get("logprobs"):
-            raise HttpError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        top_logprobs = top if body.get("logprobs") else None
-    else:
-        top_logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-    echo = body.get("echo", False)
-    if chat and "echo" in body or not isinstance(echo, bool):
-        raise HttpError(400, "'echo' must be true or false, and only for /v1/completions", "echo")
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP or \
-            not all(isinstance(s, str) and s for s in stop):
-        raise HttpError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty "
-                             "strings", "stop")
-    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    return Params(  # max_tokens=0 only with echo: score the prompt, generate nothing
-        max_tokens=_number(body, max_key, min(256, max_new_tokens), 0 if echo else 1,
-                           max_new_tokens, True),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), n=_number(body, "n", 1, 1, MAX_N, True),
-        top_logprobs=top_logprobs, stop=tuple(stop),
-        seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True), echo=echo)
+def prepare(body, chat: bool, backends: dict, max_new_tokens: int) -> Prepared:
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise HttpError(400, "'model' is required (GET /v1/models lists them)", "model")
+    backend = backends.get(name)
+    if backend is None:
+        raise HttpError(404, f"model {name!r} not found; available: {sorted(backends)}", "model")
+    params = parse_params(body, chat, max_new_tokens)
+    # one call renders chat messages into a prompt: the backend's (the chat template's) choice
+    prompts = [backend.chat_prompt(parse_messages(body))] if chat else parse_prompts(body)
+    backend.check_length(prompts, params)
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    expanded = [p for p in prompts for _ in range(params.n)]
+    keys = [row_key(seed, i) for i in range(len(expanded))]
+    return Prepared(name, backend, params, expanded, keys, chat)
 
 
-def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(m.get("content"), str):
-            raise HttpError(400, f"messages[{i}] must be {{'role': system|user|assistant, "
-                                 f"'content': string}}", "messages")
-    return messages
+# ---------------------------------------------------------------- stop strings and streaming
+
+class Sink:
+    """Where a streamed row's events go: `emit(text)` for each new piece of text; the HTTP
+    layer sets `cancelled` when the client has gone (its row then stops generating)."""
+
+    def __init__(self, emit):
+        self.emit, self.cancelled = emit, False
 
 
-def parse_prompts(body: dict) -> list[str]:
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise HttpError(400, "'prompt' must be a string or a non-empty list of strings "
-                             "(token-id prompts are not supported; lm-eval: tokenized_requests="
-                             "False)", "prompt")
-    return prompts
+class RowTracker:
+    """Follows every row of a generate() call: stops a row at its first stop string (or when
+    its client has gone) and streams the text each row may already show."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], sinks: list, eos: set[int]):
+        self.tok, self.stop, self.sinks, self.eos = tokenizer, stop, sinks, eos
+        self.kept: dict[int, int] = {}   # row -> tokens kept, for rows a stop string ended
+        self.ended: set[int] = set()     # rows that generated EOS
+        self.sent = [""] * len(sinks)    # text streamed so far, per row
+
+    def text(self, ids: list[int]) -> tuple[str, int | None]:
+        """The row's text, cut before its first stop string, and the stop position (or None)."""
+        text = self.tok.decode([t for t in ids if t not in self.eos], skip_special_tokens=True)
+        cuts = [text.index(s) for s in self.stop if s in text]
+        return (text[:min(cuts)], min(cuts)) if cuts else (text, None)
+
+    def criteria(self, rows: list[int], prompt_width: int) -> StoppingCriteria:
+        tracker = self
+
+        class Criteria(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
+                for b, row in enumerate(rows):
+                    done[b] = tracker.step(row, input_ids[b, prompt_width:].tolist())
+                return done
+        return Criteria()
+
+    def step(self, row: int, ids: list[int]) -> bool:
+        """After each new token: True when the row must stop."""
+        if row in self.kept or row in self.ended:
+            return True
+        sink = self.sinks[row]
+        if sink is not None and sink.cancelled:
+            return True
+        eos = next((i for i, t in enumerate(ids) if t in self.eos), None)
+        if eos is not None:  # generate() stops it; what follows is padding
+            ids = ids[:eos]
+            self.ended.add(row)
+        text, cut = self.text(ids)
+        if cut is not None:
+            self.kept[row] = len(ids)
+        if sink is not None:
+            self.stream(row, text if cut is not None or eos is not None else self.safe(text))
+        return cut is not None
+
+    def safe(self, text: str) -> str:
+        """`text` less a tail that may still grow into a stop string or a whole character."""
+        hold = max((k for s in self.stop for k in range(1, len(s))
+                    if text.endswith(s[:k])), default=0)
+        text = text[:len(text) - hold]
+        return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence, decoded so far
+
+    def stream(self, row: int, text: str):
+        if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
+            self.sinks[row].emit(text[len(self.sent[row]):])
+            self.sent[row] = text
 
 
 # ---------------------------------------------------------------- backends
-
-def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
-    cuts = [text.index(s) for s in stop if s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
-
 
 class ModelBackend:
     """A causal LM checkpoint served for completions and chat."""
@@ -148,42 +171,58 @@ class ModelBackend:
     def check_length(self, prompts, params: Params):
         for i, p in enumerate(prompts):
             n = len(self.tok(p, add_special_tokens=False)["input_ids"])
+            if n == 0:
+                raise HttpError(400, f"prompt {i} is empty (no tokens)", "prompt")
             if n + params.max_tokens > self.context:
                 raise HttpError(400, f"prompt {i} has {n} tokens; with max_tokens="
                                      f"{params.max_tokens} that exceeds the context length "
                                      f"{self.context} of model {self.name!r}", "max_tokens")
 
-    def generate(self, prompts: list[str], params: Params) -> list[dict]:
-        from harness.models.generation import SamplingConfig, encode_completions, sample
+    def generate(self, prompts: list[str], params: Params, keys: list[int] | None = None,
+                 sinks: list | None = None) -> list[dict]:
+        from harness.models.generation import (SamplingConfig, eos_ids, encode_completions,
+                                               sample)
+        sinks = sinks or [None] * len(prompts)
+        tracker = None
         if params.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
             samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False)
         else:
             cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                  top_p=params.top_p if params.top_p > 0 else 1e-6,
-                                 batch_size=len(prompts), seed=params.seed if params.seed is not
-                                 None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
-                                 **self.sampling)
-            samples = sample(self.model, self.tok, prompts, cfg, progress=False)
-        outs = []
-        for s in samples:
-            text, stopped = _cut_at_stop(s.completion, params.stop)
-            out = {"text": s.prompt + text if params.echo else text,
-                   "finish_reason": "stop" if s.finished or stopped else "length",
-                   "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids)}
-            if params.top_logprobs is not None:
-                out["logprobs"] = self._logprobs(s, params.top_logprobs, len(text), params.echo)
-            outs.append(out)
-        return outs
+                                 batch_size=len(prompts), seed=0, **self.sampling)
+            keyed = params.temperature > 0 and keys is not None
+            if params.stop or any(s is not None for s in sinks):
+                tracker = RowTracker(self.tok, params.stop, sinks, eos_ids(self.model, self.tok))
+            samples = sample(self.model, self.tok, prompts, cfg, progress=False,
+                             keys=keys if keyed else None,
+                             stopping=tracker.criteria if tracker else None)
+        return [self._out(i, s, params, tracker) for i, s in enumerate(samples)]
+
+    def _out(self, row: int, s, params: Params, tracker) -> dict:
+        ids, text, stopped = list(s.completion_ids), s.completion, False
+        if tracker is not None and row in tracker.kept:  # a stop string ended it: cut there
+            ids = ids[:tracker.kept[row]]
+            text, stopped = tracker.text(ids)[0], True
+        elif params.stop:  # (a stop string made of the last tokens before EOS / the limit)
+            cuts = [text.index(x) for x in params.stop if x in text]
+            text, stopped = (text[:min(cuts)], True) if cuts else (text, False)
+        out = {"text": s.prompt + text if params.echo else text,
+               "finish_reason": "stop" if s.finished or stopped else "length",
+               "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(ids)}
+        if params.top_logprobs is not None:
+            out["logprobs"] = self._logprobs(s.prompt_ids, ids, params.top_logprobs, len(text),
+                                             params.echo)
+        return out
 
     @torch.no_grad()
-    def _logprobs(self, s, k: int, text_len: int, echo: bool) -> list[dict]:
+    def _logprobs(self, prompt_ids, completion_ids, k: int, text_len: int, echo: bool) -> list:
         """Per token: its text, log-prob and the k most likely alternatives. Completion tokens
         after a stop string are dropped; with echo the prompt's tokens come first (the very
         first has no log-prob: None, as in OpenAI's schema)."""
-        ids = list(s.prompt_ids + s.completion_ids)
+        ids = list(prompt_ids) + list(completion_ids)
         logps = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
         top = logps.topk(k, dim=-1) if k else None
-        n_prompt = len(s.prompt_ids)
+        n_prompt = len(prompt_ids)
 
         def row(pos):  # the token at position pos, predicted from position pos - 1
             token = self.tok.decode([ids[pos]])
@@ -241,7 +280,7 @@ class ScriptedJudge:
                 "logprobs": [{"token": letter, "logprob": chosen,
                               "top_logprobs": alts[:params.top_logprobs or 0]}]}
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, keys=None, sinks=None):
         return [self._answer(p, params) for p in prompts]
 
 
@@ -250,7 +289,7 @@ class ScriptedJudge:
 class Batcher:
     """One thread runs the model; request threads enqueue work and wait on a Future. Work that
     arrives within `wait_s` of the first item is batched with it (up to `max_batch` prompts);
-    prompts with the same settings run in one generate() call."""
+    prompts with the same generation settings run in one generate() call."""
 
     def __init__(self, max_batch: int = 16, wait_s: float = 0.01):
         self.max_batch, self.wait_s = max_batch, wait_s
@@ -258,9 +297,10 @@ class Batcher:
         self.batches_run, self.largest_batch = 0, 0
         threading.Thread(target=self._loop, daemon=True, name="batcher").start()
 
-    def submit(self, backend, prompts, params) -> Future:
+    def submit(self, backend, prompts, params, keys=None, sinks=None) -> Future:
         future = Future()
-        self.queue.put((backend, prompts, params, future))
+        self.queue.put((backend, prompts, params, future, keys or [None] * len(prompts),
+                        sinks or [None] * len(prompts)))
         return future
 
     def close(self):
@@ -287,17 +327,23 @@ class Batcher:
         while (items := self._collect()) is not None:
             groups = {}
             for item in items:
-                groups.setdefault((id(item[0]), item[2]), []).append(item)
-            for (_, params), group in groups.items():
-                prompts = [p for item in group for p in item[1]]
-                self.batches_run += 1
-                self.largest_batch = max(self.largest_batch, len(prompts))
-                try:
-                    outs = group[0][0].generate(prompts, params)
-                except Exception as e:  # noqa: BLE001 - report to every waiting request
-                    for item in group:
-                        item[3].set_exception(e)
-                    continue
-                for item in group:
-                    item[3].set_result(outs[:len(item[1])])
-                    outs = outs[len(item[1]):]
+                groups.setdefault((id(item[0]), item[2].batch_key()), []).append(item)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group):
+        prompts = [p for item in group for p in item[1]]
+        keys = [k for item in group for k in item[4]]
+        keys = None if None in keys else keys
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(prompts))
+        try:
+            outs = group[0][0].generate(prompts, group[0][2], keys,
+                                        [s for item in group for s in item[5]])
+        except Exception as e:  # noqa: BLE001 - report to every waiting request
+            for item in group:
+                item[3].set_exception(e)
+            return
+        for item in group:
+            item[3].set_result(outs[:len(item[1])])
+            outs = outs[len(item[1]):]

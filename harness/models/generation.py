@@ -132,37 +132,49 @@ class KeyedSampling(LogitsProcessor):
     Used with greedy decoding: the scores become logits / T + G with G standard Gumbel noise, and
     the argmax of that is a draw from softmax(logits / T) (the Gumbel-max trick). G comes from a
     counter-based hash of (seed, row key, step, token id), so a row's sample does not depend on the
-    other rows of its batch, the batch size or the rank that samples it."""
+    other rows of its batch, the batch size or the rank that samples it. With top_p < 1 the tokens
+    outside the nucleus get -inf first, so the argmax draws from the renormalised nucleus (the
+    distribution of HF's top-p sampling)."""
 
-    def __init__(self, seed: int, keys: list[int], temperature: float, prompt_width: int):
-        if temperature <= 0:
-            raise ValueError(f"keyed sampling needs temperature > 0, got {temperature}")
+    def __init__(self, seed: int, keys: list[int], temperature: float, prompt_width: int,
+                 top_p: float = 1.0):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"keyed sampling needs temperature > 0 and 0 < top_p <= 1, got "
+                             f"{temperature} and {top_p}")
         seed_hash = hash32(hash32(torch.tensor(seed >> 32 & _M32)) ^ (seed & _M32))
         self.rows = hash32(seed_hash ^ (torch.tensor(keys, dtype=torch.long) & _M32))
-        self.temperature, self.prompt_width = temperature, prompt_width
+        self.temperature, self.prompt_width, self.top_p = temperature, prompt_width, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
         rows = hash32(self.rows.to(scores.device) ^ step)[:, None]
         tokens = torch.arange(scores.shape[-1], device=scores.device)
         u = (hash32(hash32(rows ^ tokens)).double() + 0.5) / 2 ** 32  # uniform in (0, 1)
-        return scores / self.temperature - torch.log(-torch.log(u)).to(scores.dtype)
+        scores = scores / self.temperature
+        if self.top_p < 1:  # HF's TopPLogitsWarper: drop the tail holding 1 - top_p of the mass
+            ascending, order = scores.sort(dim=-1)
+            tail = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            tail[..., -1] = False  # keep at least the most likely token
+            scores = scores.masked_fill(tail.scatter(-1, order, tail), -float("inf"))
+        return scores - torch.log(-torch.log(u)).to(scores.dtype)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(),
            progress: bool = True, desc: str = "sampling", keys: list[int] | None = None,
-           synced: bool = False) -> list[Sample]:
+           synced: bool = False, stopping=None) -> list[Sample]:
     """One completion per prompt, in prompt order, batched with left padding.
 
     keys: one integer per prompt for KeyedSampling (sample i depends on cfg.seed, keys[i] and
-    its prompt only; temperature > 0, top_p = 1). synced: every rank keeps stepping until all
-    ranks are done, as a model sharded over the ranks needs (the same forward calls everywhere)."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    its prompt only; temperature > 0). synced: every rank keeps stepping until all ranks are
+    done, as a model sharded over the ranks needs (the same forward calls everywhere).
+    stopping: `stopping(rows, prompt_width)` -> a StoppingCriteria for the generate() call of
+    the prompts `rows` (the server's stop strings and streaming, harness/feedback/serving.py)."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
     _check_sampling(prompts, cfg)
-    if keys is not None and (len(keys) != len(prompts) or cfg.top_p != 1 or cfg.temperature <= 0):
+    if keys is not None and (len(keys) != len(prompts) or cfg.temperature <= 0):
         raise ValueError(f"keyed sampling needs one key per prompt ({len(keys)} keys, "
-                         f"{len(prompts)} prompts), temperature > 0 and top_p = 1")
+                         f"{len(prompts)} prompts) and temperature > 0")
     device = next(model.parameters()).device
     pad_token = pad_id(tokenizer)
     stop = eos_ids(model, tokenizer)
@@ -184,10 +196,12 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
                 [encoded[i] for i in rows], pad_token, left=True))
             torch.manual_seed(cfg.seed + index)
             keyed = LogitsProcessorList([KeyedSampling(
-                cfg.seed, [keys[i] for i in rows], cfg.temperature, ids.shape[1])]
+                cfg.seed, [keys[i] for i in rows], cfg.temperature, ids.shape[1], cfg.top_p)]
                 if keys is not None else [])
+            extra = {} if stopping is None else \
+                {"stopping_criteria": StoppingCriteriaList([stopping(rows, ids.shape[1])])}
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                 logits_processor=keyed, synced_gpus=synced)
+                                 logits_processor=keyed, synced_gpus=synced, **extra)
             for row, i in enumerate(rows):
                 completion, finished = _trim(gen[row, ids.shape[1]:].tolist(), stop)
                 text = tokenizer.decode([t for t in completion if t not in stop],

@@ -100,7 +100,7 @@ def rollout_pass(model, tok, prompts, spec, levers):
 def serve_pass(batcher, backend, prompts, spec):
     """One request per prompt, all in flight at once; the Batcher runs them batch_size at a
     time through ModelBackend.generate, as scripts/serve.py does."""
-    from harness.feedback.serving import Params
+    from harness.feedback.openai_api import Params
     params = Params(max_tokens=spec["new_tokens"], temperature=1.0, top_p=1.0, n=1,
                     top_logprobs=None, stop=(), seed=0)
     futures = [batcher.submit(backend, [p], params) for p in prompts]
