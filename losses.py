@@ -388,10 +388,10 @@ AGGREGATIONS = ("token", "sequence", "sum", "constant")
 
 def aggregation_denominator(mask: torch.Tensor, how: str, max_tokens: int = 1) -> float:
     """N of `aggregate` for a response mask [batch, T]: token: real tokens; sequence and sum:
-    sequences; constant: sequences * max_tokens."""
+    sequences (rows with a masked-in token); constant: sequences * max_tokens."""
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; use one of {AGGREGATIONS}")
-    return float(mask.sum()) if how == "token" else float(mask.shape[0]) * (
+    return float(mask.sum()) if how == "token" else float((mask.sum(-1) > 0).sum()) * (
         max_tokens if how == "constant" else 1)
 
 
