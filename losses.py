@@ -66,17 +66,22 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                                        reference_free))
 
 
-def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_mean: bool = False):
+def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_mean: bool = False,
+             tokens_per_example: float | None = None):
     """Negative log-likelihood of the targets.
 
     Args: policy_chosen_logps [batch] summed log-probs of each target; n_tokens [batch] its
         number of trained tokens; token_mean: weight every token equally across the batch
         instead of every sequence (the reference code sums per sequence, then averages over
-        sequences, which is the default here so reference learning rates keep their meaning).
+        sequences, which is the default here so reference learning rates keep their meaning);
+        tokens_per_example: the whole batch's, when this is a part of it (a micro-batch, a
+        rank's share), so that the parts add up to the batch's token mean; None: this batch's.
     Returns: losses [batch]; their mean is the batch loss in both modes.
     """
     if not token_mean:
         return -policy_chosen_logps
+    if tokens_per_example is not None:
+        return -policy_chosen_logps / max(tokens_per_example, 1e-8)
     n = n_tokens.to(policy_chosen_logps.dtype)
     return -policy_chosen_logps * (n.numel() / n.sum().clamp(min=1))
 
@@ -94,7 +99,7 @@ def masked_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
 
 def coh_loss(policy_chain_logps: torch.Tensor, n_tokens: torch.Tensor,
              pt_logps: torch.Tensor | None = None, pt_n_tokens: torch.Tensor | None = None,
-             pt_loss_weight: float = 0.0):
+             pt_loss_weight: float = 0.0, token_count: float | None = None):
     """Chain of Hindsight (Liu, Sferrazza, Abbeel 2023, Sec. 3): next-token NLL of the answer
     tokens of hindsight chains, averaged over the trained tokens of the batch, plus an optional
     pretraining term on a plain-text batch (the paper's regulariser against overfitting).
@@ -102,13 +107,15 @@ def coh_loss(policy_chain_logps: torch.Tensor, n_tokens: torch.Tensor,
     Args: policy_chain_logps [batch] summed log-probs of each chain's trained tokens (answers and
         their EOS); n_tokens [batch] how many there are; pt_logps [pt_batch], pt_n_tokens
         [pt_batch] the same for the pretraining batch (None: no pretraining stream);
-        pt_loss_weight: w.
+        pt_loss_weight: w; token_count: the whole batch's sum_i n_i when this is a part of it
+        (a micro-batch, a rank's share), so that the parts' chain_nll add up; None: this one's.
     Returns: (loss scalar, chain_nll scalar, pt_nll scalar or None) with
 
         chain_nll = -sum_i logp_i / sum_i n_i        (= masked_nll over the batch)
         loss      = chain_nll + w * pt_nll
     """
-    chain_nll = -policy_chain_logps.sum() / n_tokens.sum().clamp(min=1)
+    chain_nll = -policy_chain_logps.sum() / (n_tokens.sum().clamp(min=1) if token_count is None
+                                             else max(token_count, 1))
     if pt_logps is None:
         return chain_nll, chain_nll, None
     pt_nll = -pt_logps.sum() / pt_n_tokens.sum().clamp(min=1)
