@@ -76,13 +76,15 @@ def test_every_loss_composes(loss, compose):
     check_config(cfg)
 
 
-PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": []}
+PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": [],
+                    "grpo_toy": ["loss.scorer=gold:toy"], "rloo_toy": ["loss.scorer=gold:toy"],
+                    "online_dpo_toy": ["loss.scorer=gold:toy"]}
 
 
 @pytest.mark.parametrize("preset", options("preset"))
 def test_every_preset_composes(preset, compose):
     cfg = compose(f"+preset={preset}", *PRESET_OVERRIDES[preset])
-    assert cfg.loss.name == preset.split("_")[0]
+    assert cfg.loss.name == preset.rsplit("_", 1)[0]
     check_config(cfg)
 
 
