@@ -300,3 +300,22 @@ def test_micro_batches_leave_a_rollout_run_unchanged(tmp_path, train_run, reward
     from harness.models.modeling import load_model
     base = load_model("assets/tiny_model", "float32").state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in weights(one).items())  # it trained
+
+
+def test_scorer_import_registers_your_own_function(compose, tmp_path, monkeypatch):
+    """A verifiable reward of your own: a module that registers it, named by loss.scorer_import
+    (imported before the scorer is looked up, so a missing name is still caught early)."""
+    (tmp_path / "my_rewards_for_test.py").write_text(
+        "from harness.data.gold import register_gold_reward\n\n"
+        "@register_gold_reward('test_length_reward')\n"
+        "def length_reward(prompt, completion):\n    return -len(completion) / 100\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown gold reward 'test_length_reward'"):
+        check_config(compose("loss=rloo", "loss.scorer=gold:test_length_reward"))
+    cfg = compose("loss=rloo", "loss.scorer=gold:test_length_reward",
+                  "loss.scorer_import=my_rewards_for_test")
+    check_config(cfg)
+    assert get_gold_reward("test_length_reward")("p", " abc") == -0.04
+    with pytest.raises(ValueError, match="loss.scorer_import='no_such_module_x'"):
+        check_config(compose("loss=rloo", "loss.scorer=gold:toy",
+                             "loss.scorer_import=no_such_module_x"))
