@@ -95,6 +95,10 @@ def test_function_scorer_turns_non_finite_values_into_nan():
         register_gold_reward(name)(lambda p, c: math.inf if "awful" in c else float(len(c)))
     scores = FunctionScorer(name).score(rollout_of([" It was ok.", " It was awful."]), 2)
     assert scores[0].item() == len(" It was ok.") and math.isnan(scores[1].item())
+    if "test_returns_text" not in GOLD_REWARDS:
+        register_gold_reward("test_returns_text")(lambda p, c: "good")
+    with pytest.raises(TypeError, match="test_returns_text returned 'good'"):
+        FunctionScorer("test_returns_text").score(rollout_of([" ok"]), 1)
 
 
 def test_judge_scorer_win_rates_over_real_http():

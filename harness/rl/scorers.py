@@ -85,8 +85,12 @@ class FunctionScorer:
         values = []
         for s in batch.samples:
             value = self.fn(s.prompt, s.completion)
-            values.append(float(value) if isinstance(value, (int, float)) and math.isfinite(
-                value) else math.nan)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):  # a bug in the function, not a failed score
+                raise TypeError(f"loss.scorer={self.name} returned {value!r} for the completion "
+                                f"{s.completion[:60]!r}: a scorer returns a number") from None
+            values.append(value if math.isfinite(value) else math.nan)
         return torch.tensor(values, dtype=torch.float32, device=batch.input_ids.device)
 
 
