@@ -323,3 +323,21 @@ def test_scorer_import_registers_your_own_function(compose, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="loss.scorer_import='no_such_module_x'"):
         check_config(compose("loss=rloo", "loss.scorer=gold:toy",
                              "loss.scorer_import=no_such_module_x"))
+
+
+@pytest.mark.slow
+def test_bench_rollout_prints_one_line_per_method(tmp_path, reward_run):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench" / "bench_rollout.py"),
+                          "--threads", "1", "--rollouts", "1", "--episodes", "8", "--k", "2",
+                          "--mini-batch-size", "4", "--epochs", "1", "--new-tokens", "4",
+                          "--reward-model", str(reward_run), "--out", str(tmp_path / "b.jsonl")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]  # stdout: JSON lines only
+    assert [r["method"] for r in rows] == ["ppo", "grpo", "rloo"]
+    assert [r["prompts_per_rollout"] for r in rows] == [8, 4, 4]
+    assert rows[0]["update_vs_ppo_per_episode"] == 1.0 and rows[1]["update_s_per_episode"] > 0
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 3

@@ -16,6 +16,7 @@ ratio to PPO's measured in the same run.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -113,7 +114,8 @@ def main(argv=None):
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
+    # stdout carries only the JSON lines: the loops' own messages go to stderr
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         work = Path(tmp)
         rm = args.reward_model or train_reward_model(work, args.archive)
         rows = [measure(m, args, rm, work) for m in ("ppo", "grpo", "rloo")]
