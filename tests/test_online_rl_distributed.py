@@ -88,5 +88,6 @@ def test_step_zero_invariants_hold_on_two_ranks(pair):
     assert all(r[key] == 0.0 for r in train), [r[key] for r in train]
     if name == "online_dpo":
         assert train[0]["loss/train"] == pytest.approx(math.log(2), abs=1e-6)
+        assert train[0]["rewards_train/chosen"] == train[0]["rewards_train/rejected"] == 0.0
     else:
         assert train[1]["kl_train/kl"] != 0.0  # the second rollout came from an updated policy
