@@ -66,17 +66,22 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                                        reference_free))
 
 
-def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_mean: bool = False):
+def sft_loss(policy_chosen_logps: torch.Tensor, n_tokens: torch.Tensor, token_mean: bool = False,
+             tokens_per_example: float | None = None):
     """Negative log-likelihood of the targets.
 
     Args: policy_chosen_logps [batch] summed log-probs of each target; n_tokens [batch] its
         number of trained tokens; token_mean: weight every token equally across the batch
         instead of every sequence (the reference code sums per sequence, then averages over
-        sequences, which is the default here so reference learning rates keep their meaning).
+        sequences, which is the default here so reference learning rates keep their meaning);
+        tokens_per_example: the whole batch's, when this is a part of it (a micro-batch, a
+        rank's share), so that the parts add up to the batch's token mean; None: this batch's.
     Returns: losses [batch]; their mean is the batch loss in both modes.
     """
     if not token_mean:
         return -policy_chosen_logps
+    if tokens_per_example is not None:
+        return -policy_chosen_logps / max(tokens_per_example, 1e-8)
     n = n_tokens.to(policy_chosen_logps.dtype)
     return -policy_chosen_logps * (n.numel() / n.sum().clamp(min=1))
 
@@ -94,7 +99,7 @@ def masked_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
 
 def coh_loss(policy_chain_logps: torch.Tensor, n_tokens: torch.Tensor,
              pt_logps: torch.Tensor | None = None, pt_n_tokens: torch.Tensor | None = None,
-             pt_loss_weight: float = 0.0):
+             pt_loss_weight: float = 0.0, token_count: float | None = None):
     """Chain of Hindsight (Liu, Sferrazza, Abbeel 2023, Sec. 3): next-token NLL of the answer
     tokens of hindsight chains, averaged over the trained tokens of the batch, plus an optional
     pretraining term on a plain-text batch (the paper's regulariser against overfitting).
@@ -102,13 +107,15 @@ def coh_loss(policy_chain_logps: torch.Tensor, n_tokens: torch.Tensor,
     Args: policy_chain_logps [batch] summed log-probs of each chain's trained tokens (answers and
         their EOS); n_tokens [batch] how many there are; pt_logps [pt_batch], pt_n_tokens
         [pt_batch] the same for the pretraining batch (None: no pretraining stream);
-        pt_loss_weight: w.
+        pt_loss_weight: w; token_count: the whole batch's sum_i n_i when this is a part of it
+        (a micro-batch, a rank's share), so that the parts' chain_nll add up; None: this one's.
     Returns: (loss scalar, chain_nll scalar, pt_nll scalar or None) with
 
         chain_nll = -sum_i logp_i / sum_i n_i        (= masked_nll over the batch)
         loss      = chain_nll + w * pt_nll
     """
-    chain_nll = -policy_chain_logps.sum() / n_tokens.sum().clamp(min=1)
+    chain_nll = -policy_chain_logps.sum() / (n_tokens.sum().clamp(min=1) if token_count is None
+                                             else max(token_count, 1))
     if pt_logps is None:
         return chain_nll, chain_nll, None
     pt_nll = -pt_logps.sum() / pt_n_tokens.sum().clamp(min=1)
@@ -280,3 +287,132 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) along the last dim: [..., V] -> [...]."""
     logp = logits.float().log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+
+# ------------------------------------------------- unpaired and reference-free offline losses
+
+def kto_reference_point(logratio_sum, count) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 8; batch estimate of Sec. 4.1):
+    KL(pi || pi_ref) from mismatched pairs (prompt x_j, completion y'_j of another prompt),
+    clamped at 0, no gradient: z0 = max(0, (1/m) sum_j log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)).
+    Takes the sum of the m log-ratios and m, so micro-batches and ranks add up to the batch's."""
+    return (torch.as_tensor(logratio_sum, dtype=torch.float32) / max(count, 1)).clamp(min=0)
+
+
+def kto_loss(policy_logps, reference_logps, desirable, reference_point, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024, eq. 8) on unpaired completions.
+
+    Args: policy_logps, reference_logps [batch] summed log-probs; desirable [batch] bool;
+        reference_point z0 (kto_reference_point); beta; lambda_D, lambda_U.
+    Returns: losses [batch], rewards [batch] = beta * r (detached), with r = log pi/pi_ref and
+        loss = lambda_D (1 - sigmoid(beta (r - z0))) if desirable, else
+               lambda_U (1 - sigmoid(beta (z0 - r)))
+    """
+    r = policy_logps - reference_logps
+    z0 = torch.as_tensor(reference_point, dtype=r.dtype, device=r.device).detach()
+    losses = torch.where(desirable.to(torch.bool),
+                         desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, beta * r.detach()
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_n_tokens, rejected_n_tokens,
+               beta: float, gamma: float, label_smoothing: float = 0.0):
+    """SimPO (Meng, Xia, Chen 2024, eq. 6): length-normalised reward, no reference, target
+    margin gamma (= TRL's simpo_gamma); label smoothing eps as in cDPO (the SimPO code).
+    Args: summed log-probs [batch] and token counts [batch] of chosen / rejected.
+    Returns: losses, chosen_rewards, rejected_rewards [batch] (rewards detached), with
+        r(y) = beta / |y| * log pi(y|x),  h = r(y_w) - r(y_l) - gamma,
+        loss = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)
+    """
+    chosen = beta * policy_chosen_logps / chosen_n_tokens.clamp(min=1)
+    rejected = beta * policy_rejected_logps / rejected_n_tokens.clamp(min=1)
+    h = chosen - rejected - gamma
+    losses = -F.logsigmoid(h) * (1 - label_smoothing) - F.logsigmoid(-h) * label_smoothing
+    return losses, chosen.detach(), rejected.detach()
+
+
+def orpo_log_odds_ratio(chosen_mean_logps, rejected_mean_logps):
+    """log odds(y_w) - log odds(y_l), odds = P / (1 - P), P = exp(mean token log-prob) (ORPO,
+    eqs. 3-5); log(1 - P) as log(-expm1(m)), exact near P = 1 (P = 1 itself is clamped)."""
+    def log_odds(m):
+        m = m.clamp(max=-1e-8)
+        return m - torch.log(-torch.expm1(m))
+    return log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_n_tokens, rejected_n_tokens,
+              beta: float):
+    """ORPO (Hong, Lee, Thorne 2024, eqs. 6-7): SFT on the chosen answer plus beta (the paper's
+    lambda) times the odds-ratio loss, no reference. Shapes as in simpo_loss; rewards are
+    beta * m(y) (TRL's). With m(y) = log pi(y|x) / |y|:
+        loss = -m(y_w) - beta * log sigmoid(log odds(y_w) - log odds(y_l))
+    The SFT term is each answer's mean token NLL (TRL averages over a device batch's tokens,
+    which makes its loss depend on how a batch is split)."""
+    chosen = policy_chosen_logps / chosen_n_tokens.clamp(min=1)
+    rejected = policy_rejected_logps / rejected_n_tokens.clamp(min=1)
+    odds_loss = -F.logsigmoid(orpo_log_odds_ratio(chosen, rejected))
+    return -chosen + beta * odds_loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+# ------------------------------------------------------------- critic-free online RL
+# Rewards of a rollout with K samples per prompt are [G, K]; per-token tensors as for PPO.
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4):
+    """GRPO's outcome advantages (Shao et al. 2024, Sec. 4.1.2), [G, K] -> [G, K]:
+    A_ik = (r_ik - mean_k r_i) / (std + eps), std unbiased over the group (scale=group), over
+    the whole batch (batch, TRL's), or no division (none: Dr. GRPO, Liu et al. 2025)."""
+    centered = rewards - rewards.mean(1, keepdim=True)
+    std = {"group": lambda: rewards.std(1, keepdim=True), "batch": rewards.std,
+           "none": lambda: None}.get(scale)
+    if std is None:
+        raise ValueError(f"unknown reward scaling {scale!r}; use group, batch or none")
+    return centered if scale == "none" else centered / (std() + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, eq. 8), [G, K]:
+    A_ik = r_ik - 1/(K-1) sum_{j != k} r_ij = (K r_ik - sum_j r_ij) / (K - 1)."""
+    K = rewards.shape[1]
+    return (rewards * K - rewards.sum(1, keepdim=True)) / (K - 1)
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7) with DAPO's decoupled
+    upper clip (Yu et al. 2025), as a loss; all [batch, T]. Returns (loss, clipped: bool where
+    the clipped term won), with ratio = exp(logp - logp_old) and
+        loss = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))"""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.max(unclipped, clipped), (clipped > unclipped).detach()
+
+
+AGGREGATIONS = ("token", "sequence", "sum", "constant")
+
+
+def aggregation_denominator(mask: torch.Tensor, how: str, max_tokens: int = 1) -> float:
+    """N of `aggregate` for a response mask [batch, T]: token: real tokens; sequence and sum:
+    sequences (rows with a masked-in token); constant: sequences * max_tokens."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; use one of {AGGREGATIONS}")
+    return float(mask.sum()) if how == "token" else float((mask.sum(-1) > 0).sum()) * (
+        max_tokens if how == "constant" else 1)
+
+
+def aggregate(per_token, mask, how: str, denominator: float | None = None, max_tokens: int = 1):
+    """A per-token loss [batch, T] reduced to a scalar:
+        token     sum_it x / N_tokens               DAPO (Yu et al. 2025)
+        sequence  sum_i (sum_t x / |y_i|) / N_seq   GRPO (Shao et al. 2024, eq. 3)
+        sum       sum_it x / N_seq                  REINFORCE on log pi(y|x) (RLOO)
+        constant  sum_it x / (N_seq * max_tokens)   Dr. GRPO (Liu et al. 2025)
+    denominator: N of the whole minibatch when this is a part of it (a micro-batch, a rank's
+    share), so the parts add up to the whole; None: this batch's own N."""
+    own = aggregation_denominator(mask, how, max_tokens)
+    mask = mask.to(per_token.dtype)
+    per_row = (per_token * mask).sum(-1)
+    if how == "sequence":
+        per_row = per_row / mask.sum(-1).clamp(min=1)
+    return per_row.sum() / max(own if denominator is None else denominator, 1e-8)

@@ -96,6 +96,11 @@ class ExampleFormat:
     record_examples: Callable | None = None
     tokenize: Callable | None = None
 
+    def finish(self, examples: list) -> list:
+        """A last pass over all examples of a split, once loaded (KTO pairs each example with
+        another prompt's completion); the default keeps them as they are."""
+        return examples
+
     def describe(self, examples: list) -> str:
         """A line about the examples for the run log ('' when there is nothing to add)."""
         return ""

@@ -100,6 +100,7 @@ class BasicTrainer:
         self.example_format = fmt
         train, test = load_splits(cfg, sft_mode=not self.spec.paired,
                                   record_examples=fmt.record_examples)
+        train, test = fmt.finish(train), fmt.finish(test)  # e.g. KTO's mismatched completions
         tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    tokenize=fmt.tokenize)
         self.train_batches = BatchIterator(train, self.tokenizer, batch_size=cfg.batch_size,
@@ -121,16 +122,18 @@ class BasicTrainer:
         return torch.autocast(self.device.type, dtype=getattr(torch, amp or "float32"),
                               enabled=amp is not None)
 
-    def forward(self, model, batch):
+    def forward(self, model, batch, paired: bool | None = None):
         """Summed log-probs: (chosen, n_chosen) for SFT; (chosen, rejected, n_c, n_r) for pairs,
         from ONE forward over the batch: packed rows (packing / prefix_sharing) or the padded
-        [chosen; rejected] concatenation."""
+        [chosen; rejected] concatenation. paired=False scores only the chosen side of a pair
+        batch (None: as the loss trains)."""
+        paired = self.spec.paired if paired is None else paired
         with self.autocast():
-            return self._forward(model, batch, self.cfg, self.spec.paired)
+            return self._forward(model, batch, self.cfg, paired)
 
-    def packed(self, batch):
+    def packed(self, batch, paired: bool):
         """The batch as packed rows when packing or prefix sharing applies, else None."""
-        cfg, paired = self.cfg, self.spec.paired
+        cfg = self.cfg
         if not (cfg.packing or (cfg.prefix_sharing and paired)):
             return None
         return pack(batch, paired, prefix_sharing=cfg.prefix_sharing and paired,
@@ -138,19 +141,19 @@ class BasicTrainer:
                     pad_token_id=pad_id(self.tokenizer))
 
     def _forward(self, model, batch, cfg, paired):
-        packed = self.packed(batch)
+        packed = self.packed(batch, paired)
         if packed is not None:
             logps, n = self.dist.logps(model, packed_sequence_logps, packed.to(self.device))
         else:
-            logps, n = self._padded_logps(model, batch)
+            logps, n = self._padded_logps(model, batch, paired)
         if not paired:
             return logps, n
         half = batch["chosen_input_ids"].shape[0]
         return logps[:half], logps[half:], n[:half], n[half:]
 
-    def _padded_logps(self, model, batch):
+    def _padded_logps(self, model, batch, paired: bool):
         keys = ("input_ids", "attention_mask", "labels")
-        if not self.spec.paired:
+        if not paired:
             return self.dist.logps(model, sequence_logps,
                               *(batch[f"chosen_{k}"].to(self.device) for k in keys))
         length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
@@ -193,6 +196,18 @@ class BasicTrainer:
         """(loss, per-example metric tensors) for one (micro-)batch."""
         return self.spec.step(self.ctx, batch, split)
 
+    def batch_statistics(self, parts: list[tuple[dict, int]]) -> dict | None:
+        """The loss's statistics of a whole batch (spec.batch_stats: sums over this rank's parts,
+        then over the ranks, in one collective) before its micro-batches' steps (KTO's KL
+        estimate), so that accumulation and ranks leave them unchanged."""
+        if self.spec.batch_stats is None:
+            return None
+        sums = {}
+        for part, n in parts:
+            for key, value in self.spec.batch_stats(self.ctx, part, n).items():
+                sums[key] = sums.get(key, 0.0) + value
+        return dict(zip(sums, distributed.sum_across_ranks(list(sums.values()))))
+
     @staticmethod
     def add_metrics(sums: dict, metrics: dict, n: int):
         for k, v in metrics.items():  # only the n real rows (a rank's stand-in row counts 0)
@@ -212,6 +227,7 @@ class BasicTrainer:
             for batch in tqdm(self.eval_batches.epoch_batches(0), total=len(self.eval_batches),
                               desc="eval", leave=False, disable=not self.dist.is_main):
                 part, n = self.dist.shard(batch)
+                self.ctx.batch_stats = self.batch_statistics([(part, n)])
                 self.add_metrics(sums, self.step_metrics(part, "eval")[1], n)
                 count += n
         results = self.reduce_means(sums, count)
@@ -313,6 +329,7 @@ class BasicTrainer:
         self.policy.train()
         micro = self.micro_batches(batch)
         self.ctx.step = self.state.steps
+        self.ctx.batch_stats = self.batch_statistics(micro)
         sums, count = {}, 0
         for i, (mb, n) in enumerate(micro):
             # reduce gradients once, after the last micro-batch

@@ -25,7 +25,8 @@ def options(group):
 
 
 def test_groups_have_the_promised_options():
-    assert set(options("loss")) == {"sft", "dpo", "ipo", "coh", "reward", "ppo"} == set(known_losses())
+    assert set(options("loss")) == {"sft", "dpo", "ipo", "coh", "reward", "ppo", "kto", "simpo",
+                                    "orpo", "grpo", "rloo", "online_dpo"} == set(known_losses())
     assert set(options("trainer")) == set(TRAINERS)
     assert {"blank_model", "tiny", "gpt2", "gpt2-large", "gpt2-xl", "pythia28", "pythia69", "gptj",
             "llama7b", "llama2_7b", "llama2_13b", "llama2_70b", "mistral7b",
@@ -54,7 +55,18 @@ LOSS_OVERRIDES = {"sft": ["loss.token_mean=true"], "dpo": ["loss.beta=0.1"],
                   "coh": ["loss.feedback_set=qa", "loss.chain_weights.comparison=1",
                           "loss.chain_weights.positive=1", "loss.chain_weights.negative=1",
                           "loss.fcm_max=0.15", "loss.pt_data=toy", "loss.pt_loss_weight=0.1",
-                          "loss.inference_phrase=' A correct answer:'"]}
+                          "loss.inference_phrase=' A correct answer:'"],
+                  "kto": ["loss.beta=0.2", "loss.desirable_weight=1.3", "loss.undesirable_weight=1"],
+                  "simpo": ["loss.beta=2.5", "loss.gamma=1.2", "loss.label_smoothing=0.1"],
+                  "orpo": ["loss.beta=0.2"],
+                  "grpo": ["loss.scorer=gold:toy", "loss.scale_rewards=none", "loss.beta=0",
+                           "loss.aggregation=token", "loss.clip_range_high=0.28",
+                           "loss.mini_batch_size=8", "loss.drop_uniform_groups=true",
+                           "loss.no_eos_penalty=-1", "loss.kl_in=reward", "loss.ppo_epochs=2"],
+                  "rloo": ["loss.scorer=gold:toy", "loss.whiten_advantages=true",
+                           "loss.kl_estimator=k3", "loss.num_generations=2"],
+                  "online_dpo": ["loss.scorer=gold:toy", "loss.loss_type=dpo",
+                                 "loss.label_smoothing=0.1", "loss.gold_reward=toy"]}
 
 
 @pytest.mark.parametrize("loss", options("loss"))
@@ -64,13 +76,15 @@ def test_every_loss_composes(loss, compose):
     check_config(cfg)
 
 
-PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": []}
+PRESET_OVERRIDES = {"ppo_toy": ["loss.reward_model=RM_RUN"], "reward_toy": [],
+                    "grpo_toy": ["loss.scorer=gold:toy"], "rloo_toy": ["loss.scorer=gold:toy"],
+                    "online_dpo_toy": ["loss.scorer=gold:toy"]}
 
 
 @pytest.mark.parametrize("preset", options("preset"))
 def test_every_preset_composes(preset, compose):
     cfg = compose(f"+preset={preset}", *PRESET_OVERRIDES[preset])
-    assert cfg.loss.name == preset.split("_")[0]
+    assert cfg.loss.name == preset.rsplit("_", 1)[0]
     check_config(cfg)
 
 
@@ -123,8 +137,9 @@ def test_every_trainer_composes(trainer, compose):
     (["loss=ppo", "loss.reward_model=R", "loss.max_new_tokens=300"], "loss.max_new_tokens"),
     (["loss=ppo", "loss.reward_model=R", "activation_checkpointing=true"],
      "activation_checkpointing is not read by loss=ppo"),
-    (["loss=ppo", "loss.reward_model=R", "gradient_accumulation_steps=2", "batch_size=8"],
-     "gradient_accumulation_steps is not read by loss=ppo"),
+    (["loss=ppo", "loss.reward_model=R", "gradient_accumulation_steps=3", "batch_size=24"],
+     r"mini_batch_size=8 must be a multiple of the 1 data-parallel ranks x "
+     "gradient_accumulation_steps=3"),
     (["loss=ppo", "loss.reward_model=R", "loss.kl_estimator=k2"], "loss.kl_estimator"),
     (["loss=reward", "loss.n_bins=5"], "loss.rating_source"),
     (["loss=reward", "loss.n_bins=5", "loss.rating_source=nope"], "registered"),

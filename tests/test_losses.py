@@ -93,3 +93,66 @@ def test_coh_loss_equals_masked_nll_of_the_tiny_model():
     expected = masked_nll(token_logps, labels[:, 1:] != -100)
     assert n.tolist() == [3, 2]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- KTO, SimPO, ORPO
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_hand_computed():
+    from losses import kto_loss, kto_reference_point
+    # r = policy - reference = (1, 0, -2); z0 = 0.5; beta = 1
+    policy, reference = t(-1.0, -2.0, -3.0), t(-2.0, -2.0, -1.0)
+    desirable = torch.tensor([True, False, True])
+    losses, rewards = kto_loss(policy, reference, desirable, 0.5, beta=1.0,
+                               desirable_weight=2.0, undesirable_weight=0.5)
+    assert losses.tolist() == pytest.approx([2 * (1 - sig(0.5)), 0.5 * (1 - sig(0.5)),
+                                             2 * (1 - sig(-2.5))])
+    assert rewards.tolist() == [1.0, 0.0, -2.0]
+    # z0: the mean foreign log-ratio, clamped at 0 (a negative KL estimate is noise)
+    assert kto_reference_point(3.0, 2).item() == 1.5 and kto_reference_point(-3.0, 2).item() == 0
+    # policy == reference: r = 0 and z0 = 0, so every loss is lambda * (1 - sigmoid(0)) = lambda / 2
+    losses, rewards = kto_loss(policy, policy, desirable, kto_reference_point(0.0, 3), beta=0.1)
+    assert losses.tolist() == [0.5, 0.5, 0.5] and rewards.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_kto_gradient_pushes_desirable_up_and_undesirable_down():
+    from losses import kto_loss
+    policy = t(-2.0, -2.0).requires_grad_()
+    losses, _ = kto_loss(policy, t(-2.0, -2.0), torch.tensor([True, False]), 0.0, beta=0.5)
+    losses.sum().backward()
+    # d/dr lambda (1 - sigmoid(beta r)) = -beta sigmoid'(0) = -0.5 * 0.25; the undesirable: +
+    assert policy.grad.tolist() == pytest.approx([-0.125, 0.125])
+
+
+def test_simpo_hand_computed():
+    from losses import simpo_loss
+    # mean log-probs: chosen (-4/2, -6/3) = (-2, -2), rejected (-3/1, -2/4) = (-3, -0.5)
+    chosen, rejected, n_c, n_r = t(-4.0, -6.0), t(-3.0, -2.0), torch.tensor([2, 3]), torch.tensor([1, 4])
+    losses, r_c, r_r = simpo_loss(chosen, rejected, n_c, n_r, beta=2.0, gamma=1.0)
+    # rewards beta * mean: (-4, -4) and (-6, -1); h = r_c - r_r - gamma = (1, -4)
+    assert r_c.tolist() == [-4.0, -4.0] and r_r.tolist() == [-6.0, -1.0]
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-1)), math.log1p(math.exp(4))])
+    smoothed, _, _ = simpo_loss(chosen, rejected, n_c, n_r, beta=2.0, gamma=1.0,
+                                label_smoothing=0.25)
+    a, b = math.log1p(math.exp(-1)), math.log1p(math.exp(1))  # -log sig(1), -log sig(-1)
+    assert smoothed[0].item() == pytest.approx(0.75 * a + 0.25 * b)
+    # gamma = 0 and equal mean log-probs: ln 2, whatever the lengths
+    losses, _, _ = simpo_loss(t(-2.0), t(-6.0), torch.tensor([1]), torch.tensor([3]), 1.0, 0.0)
+    assert losses.item() == pytest.approx(math.log(2))
+
+
+def test_orpo_hand_computed():
+    from losses import orpo_log_odds_ratio, orpo_loss
+    # mean log-probs m_c = -2 / 2 = -1, m_r = -6 / 3 = -2; log odds(m) = m - log(1 - e^m)
+    log_odds = lambda m: m - math.log(1 - math.exp(m))  # noqa: E731
+    ratio = log_odds(-1.0) - log_odds(-2.0)
+    assert ratio == pytest.approx(1 + math.log((1 - math.exp(-2)) / (1 - math.exp(-1))))
+    assert orpo_log_odds_ratio(t(-1.0), t(-2.0)).item() == pytest.approx(ratio)
+    losses, r_c, r_r = orpo_loss(t(-2.0), t(-6.0), torch.tensor([2]), torch.tensor([3]), beta=0.5)
+    # SFT term: the chosen answer's mean NLL, 1; odds term -log sigmoid(ratio), weighted 0.5
+    assert losses.item() == pytest.approx(1.0 + 0.5 * math.log1p(math.exp(-ratio)))
+    assert (r_c.item(), r_r.item()) == pytest.approx((-0.5, -1.0))
+    # P(y) = 1 exactly: finite (clamped), not inf / nan
+    assert torch.isfinite(orpo_loss(t(0.0), t(-1.0), torch.tensor([2]), torch.tensor([2]), 0.1)[0]).all()

@@ -15,7 +15,7 @@ import torch
 import train
 from harness.models.generation import SamplingConfig, sample
 from harness.models.modeling import load_model, load_tokenizer
-from harness.rl.ppo import rollout_seed
+from harness.rl.loop import rollout_seed
 from harness.training.run_logging import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.models import lora
-from harness.rl import ppo
+from harness.rl.loop import RolloutLoop, TrainingDiverged
 from harness.models.modeling import last_token_index, load_model, load_tokenizer
 from harness.rl.rollout import policy_logprobs
 from harness.models.reward_model import (RewardFunction, build_reward_model, check_same_tokenizer,
@@ -204,7 +204,7 @@ def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run, train_run
 
 
 def _trainer(compose, tmp_path, reward_run, *overrides):
-    """A PPOTrainer built as train.py builds it (LoRA: the reference is the policy itself)."""
+    """PPO's rollout loop built as train.py builds it (LoRA: the reference is the policy itself)."""
     cfg = compose(f"local_dirs=[{tmp_path}]", f"local_run_dir={tmp_path}/run",
                   "wandb.enabled=false", "eval_batch_size=32", "sample_during_eval=false",
                   "eval_every=1000000", *PPO, f"loss.reward_model={reward_run}", *overrides)
@@ -214,27 +214,29 @@ def _trainer(compose, tmp_path, reward_run, *overrides):
         policy = reference = lora.apply_lora(policy, cfg.model.lora)
     else:
         reference = load_model("assets/tiny_model", "float32")
-    return ppo.PPOTrainer(policy, load_tokenizer("assets/tiny_model"), cfg, str(tmp_path / "run"),
-                          reference)
+    return RolloutLoop(policy, load_tokenizer("assets/tiny_model"), cfg, str(tmp_path / "run"),
+                       reference)
 
 
 @pytest.mark.slow
 def test_value_head_starts_as_the_reward_model_and_dropout_is_off(tmp_path, reward_run, compose):
     trainer = _trainer(compose, tmp_path, reward_run)
-    for (name, a), b in zip(trainer.critic.state_dict().items(),
-                            trainer.reward_model.state_dict().values()):
+    ppo = trainer.method
+    for (name, a), b in zip(ppo.critic.state_dict().items(),
+                            ppo.reward_model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert not any(m.training for model in (trainer.policy, trainer.critic, trainer.reference)
+    assert not any(m.training for model in (trainer.policy, ppo.critic, trainer.reference)
                    for m in model.modules())
 
 
 @pytest.mark.slow
 def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch, compose):
-    import harness.rl.rollout
+    """PPO's reward model is the run's own network: a NaN from it means broken numerics (the
+    group methods' scorers skip such items instead, tests/test_online_rl.py)."""
     trainer = _trainer(compose, tmp_path, reward_run, "n_examples=16", "do_first_eval=false")
-    monkeypatch.setattr(harness.rl.rollout, "score", lambda model, batch: torch.full(
+    monkeypatch.setattr(trainer.method.scorer, "score", lambda batch, k: torch.full(
         (batch.input_ids.shape[0],), float("nan")))
-    with pytest.raises(ppo.TrainingDiverged, match=r"rewards_train/score=nan"):
+    with pytest.raises(TrainingDiverged, match=r"rewards_train/score=nan"):
         trainer.train()
     assert (tmp_path / "run" / "diverged-0" / "policy.pt").exists()
 
@@ -269,14 +271,14 @@ def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run, comp
     the reference is the base model and the reward model the original, even after training."""
     trainer = _trainer(compose, tmp_path, reward_run, *LORA)
     trained = {name: [k for k, p in model.named_parameters() if p.requires_grad]
-               for name, model in trainer.models.trained.items()}
+               for name, model in trainer.method.trained.items()}
     assert trained["policy"] and all("lora_" in k for k in trained["policy"])
     assert {k for k in trained["critic"] if "lora_" not in k} == {
         "base_model.model.score.modules_to_save.default.weight",
         "base_model.model.score.modules_to_save.default.bias"}
-    before = {k: v.clone() for k, v in trainer.models.trained.state_dict().items()}
-    trainer.ppo_step(trainer.train_examples[:16])
-    after = trainer.models.trained.state_dict()
+    before = {k: v.clone() for k, v in trainer.method.trained.state_dict().items()}
+    trainer.step(trainer.train_examples[:16])
+    after = trainer.method.trained.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"{name}.{k}" for name, keys in trained.items() for k in keys}
     # the reference (adapters off) is the base model; the trained actor is not
@@ -290,7 +292,8 @@ def test_lora_ppo_trains_adapters_and_value_head_only(tmp_path, reward_run, comp
     with torch.no_grad():
         torch.testing.assert_close(batch.scores, reward_model(batch.input_ids,
                                                               batch.attention_mask))
-    assert trainer.reward_model is trainer.critic and trainer.reference is trainer.policy
+    assert trainer.method.reward_model is trainer.method.critic
+    assert trainer.reference is trainer.policy
 
 
 @pytest.mark.slow

@@ -107,3 +107,51 @@ def test_explained_variance():
     returns, mask = t([1, 2, 3]), torch.ones(1, 3)
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.zeros_like(returns), returns, mask) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------- GRPO / RLOO / DAPO / Dr. GRPO
+def test_group_advantages_hand_computed():
+    from losses import group_advantages
+    rewards = t([1, 2, 3], [0, 0, 0])
+    # group: centred by each group's mean, divided by its unbiased std (1 and 0) + 1e-4
+    assert group_advantages(rewards).flatten().tolist() == pytest.approx(
+        [-1 / 1.0001, 0, 1 / 1.0001, 0, 0, 0])
+    assert group_advantages(rewards, "none").tolist() == [[-1, 0, 1], [0, 0, 0]]  # Dr. GRPO
+    # batch: the std of all six rewards: mean 1, squares 0+1+4+1+1+1 = 8, unbiased 8 / 5
+    std = math.sqrt(8 / 5)
+    assert group_advantages(rewards, "batch")[0].tolist() == pytest.approx(
+        [-1 / (std + 1e-4), 0, 1 / (std + 1e-4)])
+    with pytest.raises(ValueError, match="group, batch or none"):
+        group_advantages(rewards, "global")
+
+
+def test_rloo_baseline_leaves_one_out():
+    from losses import rloo_advantages
+    # r_1 - mean(r_2, r_3) = 1 - 2.5; r_2 - mean(1, 3) = 0; r_3 - 1.5
+    assert rloo_advantages(t([1, 2, 3])).tolist() == [[-1.5, 0.0, 1.5]]
+    assert rloo_advantages(t([5, 1])).tolist() == [[4.0, -4.0]]
+
+
+def test_clipped_surrogate_with_clip_higher():
+    from losses import clipped_surrogate
+    new = torch.log(t([1.5, 0.5, 1.1]))
+    loss, clipped = clipped_surrogate(new, torch.zeros_like(new), t([1, -1, 1]), 0.2, 0.28)
+    # A = 1, ratio 1.5: max(-1.5, -1.28) (the upper clip is 1.28, not 1.2); A = -1, ratio 0.5:
+    # max(0.5, 0.8); A = 1, ratio 1.1 inside the range
+    assert loss[0].tolist() == pytest.approx([-1.28, 0.8, -1.1])
+    assert clipped.tolist() == [[True, True, False]]
+
+
+def test_aggregations_hand_computed_and_parts_add_up():
+    from losses import aggregate, aggregation_denominator
+    x, mask = t([1, 2, 3], [4, 5, 6]), t([1, 1, 0], [1, 0, 0])
+    assert aggregate(x, mask, "token").item() == pytest.approx(7 / 3)        # DAPO
+    assert aggregate(x, mask, "sequence").item() == pytest.approx(2.75)      # (1.5 + 4) / 2
+    assert aggregate(x, mask, "sum").item() == pytest.approx(3.5)            # (3 + 4) / 2
+    assert aggregate(x, mask, "constant", max_tokens=3).item() == pytest.approx(7 / 6)
+    for how in ("token", "sequence", "sum", "constant"):  # micro-batches with the whole's N
+        whole = aggregation_denominator(mask, how, 3)
+        parts = sum(aggregate(x[i:i + 1], mask[i:i + 1], how, whole, 3) for i in range(2))
+        assert parts.item() == pytest.approx(aggregate(x, mask, how, max_tokens=3).item()), how
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(x, mask, "mean")

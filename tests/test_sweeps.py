@@ -82,13 +82,14 @@ def test_quick_frontier(tmp_path):
     """bash scripts/sweeps/frontier.sh --quick: SFT, then each method from it, every checkpoint
     evaluated; DPO must beat SFT on gold reward."""
     out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "sweeps" / "frontier.sh"), "--quick",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500,
                          env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "frontier.md").exists() and (tmp_path / "frontier.png").stat().st_size > 0
     report = json.loads((tmp_path / "frontier.json").read_text())
     methods = {r["method"] for r in report["rows"]}
-    assert {"base", "sft", "dpo", "ipo", "cdpo"} <= methods
+    assert {"base", "sft", "dpo", "ipo", "cdpo", "ppo", "kto", "simpo", "orpo", "grpo", "rloo",
+            "online_dpo"} <= methods
     gold = {r["method"]: r["gold"] for r in report["rows"]}
     assert gold["dpo"] > gold["sft"], report["verdicts"]
     assert report["verdicts"]["methods"]["dpo"]["minus_sft"] > 0

@@ -30,7 +30,9 @@ class LossSpec:
     step: Callable | None  # step(ctx, batch, split) -> (mean loss, {metric: [batch] tensor})
     # the loss.* options: a dataclass whose constructor checks their values (field = option)
     options: type
-    uses_reference: bool = False  # needs reference log-probs (unless loss.reference_free=true)
+    # needs reference log-probs (unless loss.reference_free=true); or uses_reference(loss_cfg)
+    # -> bool when the options decide (GRPO: beta > 0)
+    uses_reference: bool | Callable = False
     # load_policy(cfg, archive, device_map, meta) -> the model to train (default: the causal LM)
     load_policy: Callable | None = None
     # the loop class that runs this loss instead of the offline loop (PPO's rollout loop)
@@ -51,6 +53,13 @@ class LossSpec:
     prompt_suffix: Callable | None = None
     # top-level options the offline loop reads that this step cannot honour (refused when set)
     ignores: tuple[str, ...] = ()
+    # batch_stats(ctx, part, n) -> {name: scalar tensor}: sums over the n real examples of a
+    # part of a batch, added up over the whole batch (its micro-batches and ranks) before the
+    # steps of its micro-batches, which read the totals as ctx.batch_stats (KTO's KL estimate)
+    batch_stats: Callable | None = None
+    # the rollout loop's per-method part (harness/rl: PPO, GRPO, RLOO, online DPO), built by
+    # the loop as rollout(loop, policy, reference); with loop = harness.rl.loop.RolloutLoop
+    rollout: Callable | None = None
 
 
 @dataclass
@@ -71,13 +80,17 @@ class StepContext:
     data: object = None    # what spec.data returned (the loss's own state)
     micro_batches: int = 1  # micro-batches per optimizer step (gradient_accumulation_steps)
     step: int = 0          # optimizer steps taken so far
+    batch_stats: dict | None = None  # spec.batch_stats totals of the current batch
 
 
 LOSSES: dict[str, LossSpec] = {}
 # the built-in losses: name -> the module that registers it, imported on first lookup
 BUILTIN = {"sft": "harness.objectives.core", "dpo": "harness.objectives.core",
            "ipo": "harness.objectives.core", "coh": "harness.objectives.coh",
-           "reward": "harness.objectives.reward", "ppo": "harness.rl.ppo"}
+           "reward": "harness.objectives.reward", "kto": "harness.objectives.kto",
+           "simpo": "harness.objectives.simpo", "orpo": "harness.objectives.orpo",
+           "ppo": "harness.rl.ppo", "grpo": "harness.rl.grpo", "rloo": "harness.rl.rloo",
+           "online_dpo": "harness.rl.online_dpo"}
 
 
 def register_loss(name: str, spec: LossSpec) -> LossSpec:
@@ -131,6 +144,8 @@ def load_policy(cfg, archive, device_map=None, meta: bool = False):
 def needs_reference(loss_cfg) -> bool:
     """Whether this loss config reads reference log-probs (so a reference model must load)."""
     spec = get_loss_spec(loss_cfg.name)
+    if callable(spec.uses_reference):
+        return bool(spec.uses_reference(loss_cfg))
     return spec.uses_reference and not loss_cfg.get("reference_free", False)
 
 

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 import losses
 from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
 from harness.objectives import LossSpec, StepContext, register_loss
+from harness.objectives.core import trained_tokens
 from harness.data.pretraining_mix import PretrainStream, looks_like_path, read_documents
 from harness.data.tokens import check_truncation_mode, token_ids, truncate
 from preference_datasets import ExampleFormat
@@ -357,7 +358,14 @@ def coh_step(ctx: StepContext, batch, split: str):
         # weight 0 monitors the pretraining loss without touching the gradients
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
             pt_logps, pt_n = ctx.forward(ctx.policy, pt_batch)
-    loss, chain_nll, pt_nll = losses.coh_loss(logps, n, pt_logps, pt_n, weight)
+    # the chain NLL is a token mean over the whole batch (its micro-batches and ranks): scaled
+    # so that the loop's per-example weighting of this part adds up to it
+    stats = ctx.batch_stats
+    loss, chain_nll, pt_nll = losses.coh_loss(logps, n, pt_logps, pt_n, weight,
+                                              stats["tokens"] if stats else None)
+    if stats:
+        chain_nll = chain_nll * (stats["count"] / size)
+        loss = chain_nll if pt_nll is None else chain_nll + weight * pt_nll
     metrics.update({f"loss/{split}": loss.detach().expand(size),
                     f"loss/chain_{split}": chain_nll.detach().expand(size),
                     f"logps_{split}/chosen": logps.detach()})
@@ -368,5 +376,6 @@ def coh_step(ctx: StepContext, batch, split: str):
 
 register_loss("coh", LossSpec(
     paired=False, step=coh_step, options=CohOptions, data=coh_data,
+    batch_stats=lambda ctx, part, n: trained_tokens(part, n),
     check=lambda cfg, world_size: coh_settings(cfg),
     prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))

@@ -45,11 +45,26 @@ class IPOOptions:
         positive_beta("ipo", self.beta)
 
 
+def trained_tokens(part, n: int, side: str = "chosen") -> dict:
+    """batch_stats of a token-level loss: the trained tokens of the n real examples of `part`
+    (labels other than -100 after the first position) and the examples, for the whole batch's
+    token mean (trainers.BasicTrainer.batch_statistics)."""
+    labels = part[f"{side}_labels"][:n, 1:]
+    return {"tokens": (labels != -100).sum().float(), "count": torch.tensor(float(n))}
+
+
 def sft_step(ctx: StepContext, batch, split: str):
-    """Negative log-likelihood of the SFT targets."""
+    """Negative log-likelihood of the SFT targets (token_mean: over the whole batch's tokens,
+    whatever its micro-batches and ranks)."""
     logps, n = ctx.forward(ctx.policy, batch)
-    losses_ = losses.sft_loss(logps, n, **asdict(ctx.options))
+    stats = ctx.batch_stats
+    per_example = stats["tokens"] / stats["count"] if stats else None
+    losses_ = losses.sft_loss(logps, n, ctx.options.token_mean, per_example)
     return losses_.mean(), {f"loss/{split}": losses_, f"logps_{split}/chosen": logps}
+
+
+def sft_batch_stats(ctx: StepContext, part, n: int) -> dict:
+    return trained_tokens(part, n) if ctx.options.token_mean else {}
 
 
 def preference_step(loss_fn):
@@ -68,7 +83,8 @@ def preference_step(loss_fn):
     return step
 
 
-register_loss("sft", LossSpec(paired=False, step=sft_step, options=SFTOptions))
+register_loss("sft", LossSpec(paired=False, step=sft_step, options=SFTOptions,
+                              batch_stats=sft_batch_stats))
 register_loss("dpo", LossSpec(paired=True, step=preference_step(losses.dpo_loss),
                               options=DPOOptions, uses_reference=True))
 register_loss("ipo", LossSpec(paired=True, step=preference_step(losses.ipo_loss),

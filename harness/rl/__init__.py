@@ -1,1 +1,1 @@
-"""Online RL: the rollout loop and PPO."""
+"""Online RL: the rollout loop (loop.py) and its methods: PPO, GRPO, RLOO, online DPO."""

@@ -1,4 +1,5 @@
-"""PPO rollouts: prompts -> sampled responses -> per-token log-probs, values, rewards.
+"""Rollouts: prompts -> sampled responses -> per-token log-probs, values, scores (the rollout
+loop of harness/rl/loop.py).
 
 Token layout of a rollout batch (B rows, P prompt columns, T response columns):
 
@@ -19,7 +20,6 @@ import torch
 
 from harness.data.tokens import pad_to, pad_with_mask, truncate
 from harness.models.generation import Sample, SamplingConfig, sample
-from harness.models.lora import adapters_disabled
 from harness.models.modeling import position_ids
 from losses import entropy_from_logits
 
@@ -44,8 +44,10 @@ class Rollout:
     values: torch.Tensor | None = None        # [B, T] critic, at rollout time
     scores: torch.Tensor | None = None        # [B] reward model at EOS (raw)
 
-    def select(self, index: torch.Tensor) -> "Rollout":
-        """The rows `index` of every tensor (a PPO minibatch), same column layout."""
+    def select(self, index) -> "Rollout":
+        """The rows `index` (a tensor or list) of every tensor (a minibatch), same column layout."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.tensor(index, dtype=torch.long, device=self.input_ids.device)
         pick = lambda t: t[index] if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Rollout(**{k: pick(v) for k, v in vars(self).items() if k != "samples"},
                        samples=[self.samples[i] for i in index.tolist()])
@@ -118,24 +120,11 @@ def score(reward_model, batch: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill(batch: Rollout, policy, reference, critic, reward_model, temperature: float,
-         chunk: int) -> Rollout:
-    """Rollout-time log-probs, reference log-probs, values and scores, `chunk` rows at a time
-    (bounded memory). The reference and the reward model may be the LoRA actor and critic,
-    run with their adapters disabled. The first PPO minibatch recomputes the policy log-probs
-    of a shuffled subset of rows with the same padded width; ppo/first_ratio_max_dev logs how
-    far its ratio is from 1 (exactly 0 on CPU: a row's result does not depend on the other
-    rows)."""
-    parts = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-    for start in range(0, batch.input_ids.shape[0], chunk):
-        mb = batch.select(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
-                                       device=batch.input_ids.device))
-        parts["logprobs"].append(policy_logprobs(policy, mb, temperature))
-        with adapters_disabled(reference):
-            parts["ref_logprobs"].append(policy_logprobs(reference, mb, temperature))
-        parts["values"].append(critic_values(critic, mb))
-        with adapters_disabled(reward_model):
-            parts["scores"].append(score(reward_model, mb))
-    for key, pieces in parts.items():
-        setattr(batch, key, torch.cat(pieces))
-    return batch
+def chunked(batch: Rollout, chunk: int, fn) -> torch.Tensor:
+    """fn(rows) over `batch`, `chunk` rows at a time (bounded memory), concatenated. Every row's
+    result is independent of the others in its chunk (tests/test_invariants.py), so the chunk
+    size changes nothing but memory."""
+    rows = batch.input_ids.shape[0]
+    return torch.cat([fn(batch.select(torch.arange(start, min(start + chunk, rows),
+                                                   device=batch.input_ids.device)))
+                      for start in range(0, rows, chunk)])

@@ -1,5 +1,5 @@
 """When a training loop stops, evaluates and saves: one schedule for the offline loop
-(trainers.BasicTrainer) and the PPO rollout loop (harness.rl.ppo), both counting examples.
+(trainers.BasicTrainer) and the rollout loop (harness.rl.loop), both counting examples.
 
 A loop passes itself as `trainer`: it has .cfg, .state (examples, next_eval, last_eval,
 last_save), .evaluate(), .save() and .logger."""

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The reward-vs-KL frontier on the bundled toy task (the DPO paper's Figure 2, laptop-sized).
 #
-#   bash scripts/sweeps/frontier.sh            # full mode (~5 min on 2 busy CPU cores) -> docs/
+#   bash scripts/sweeps/frontier.sh            # full mode (~25 min on 2 CPU cores) -> docs/
 #   bash scripts/sweeps/frontier.sh --quick    # CI mode (a few minutes): one beta per method
 #   bash scripts/sweeps/frontier.sh --out DIR  # sweep and report into DIR (docs/ stays untouched)
 #
 # 1. SFT of the tiny base model on the toy SFT targets: the reference of every other method.
-# 2. A reward model trained from the SFT model on the toy pairs (+preset=reward_toy), for PPO.
+# 2. A reward model trained from the SFT model on the toy pairs (+preset=reward_toy): PPO's reward
+#    and the scorer of GRPO, RLOO and online DPO.
 # 3. Every row of METHODS below: one Hydra multirun (python train.py -m ...) over its grid,
 #    each job starting from the SFT checkpoint, each in its own run dir.
 # 4. scripts/evaluate.py on every final checkpoint (and on the base and SFT models), all against
@@ -44,19 +45,32 @@ if [ "$MODE" = full ]; then
   BETAS_DPO="0.1,0.3,1.0,3.0"
   BETAS_IPO="0.03,0.1,0.3,1.0"
   PPO_ARGS="loss.kl_coef=0.05,0.2"   # otherwise the ppo_toy preset (3840 prompts)
+  KTO_ARGS="loss.beta=0.1,0.3 $PREF_ARGS"
+  SIMPO_ARGS="loss.beta=2.0 loss.gamma=0.5,1.5 $PREF_ARGS"
+  ORPO_ARGS="loss.beta=0.1,1.0 $PREF_ARGS"
+  GRPO_ARGS="loss.beta=0.04,0.2"      # otherwise the grpo_toy / rloo_toy / online_dpo_toy
+  RLOO_ARGS="loss.beta=0.05,0.2"      # presets: PPO's episode budget
+  ODPO_ARGS="loss.beta=0.1,0.3"
 else
   OUT=${OUT:-.cache/frontier_quick}
   BETAS_DPO="0.3"
   BETAS_IPO="0.1"
   PPO_ARGS="loss.kl_coef=0.05 n_examples=1280"  # a third of the preset's prompts: CI time
+  # the newer methods at one setting and about a quarter of their full cost each
+  KTO_ARGS="loss.beta=0.1 n_epochs=1 data_fraction=0.5"
+  SIMPO_ARGS="loss.beta=2.0 loss.gamma=0.5 n_epochs=1 data_fraction=0.5"
+  ORPO_ARGS="loss.beta=0.1 n_epochs=1 data_fraction=0.5"
+  GRPO_ARGS="loss.beta=0.04 n_examples=320"
+  RLOO_ARGS="loss.beta=0.05 n_examples=320"
+  ODPO_ARGS="loss.beta=0.1 n_examples=640"
 fi
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
 # Every row trains from the SFT checkpoint (model.archive) and is evaluated against it. The
 # overrides are train.py command-line overrides; comma lists are swept (Hydra multirun). To add
 # a method, add one row; its runs need only end with RUN/LATEST/policy.pt, as train.py's do.
-# PPO optimises the reward model of step 2, whose run dir is fixed here (relative paths are from
-# the repo root, where every command runs).
+# PPO, GRPO, RLOO and online DPO optimise the reward model of step 2, whose run dir is fixed here
+# (relative paths are from the repo root, where every command runs).
 RM="$OUT/reward_model/reward"
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF_ARGS"
@@ -70,6 +84,14 @@ METHODS=(
   # from "more training on the same chosen answers"
   "sft_continued|loss=sft $COH_EPOCHS"
   "ppo|+preset=ppo_toy loss.reward_model=$RM $PPO_ARGS"
+  # unpaired (each pair split into a desirable and an undesirable completion) and reference-free
+  "kto|loss=kto $KTO_ARGS"
+  "simpo|loss=simpo $SIMPO_ARGS"
+  "orpo|loss=orpo $ORPO_ARGS"
+  # critic-free online RL and online DPO, scored by the same reward model as PPO
+  "grpo|+preset=grpo_toy loss.scorer=reward_model:$RM $GRPO_ARGS"
+  "rloo|+preset=rloo_toy loss.scorer=reward_model:$RM $RLOO_ARGS"
+  "online_dpo|+preset=online_dpo_toy loss.scorer=reward_model:$RM $ODPO_ARGS"
 )
 
 COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1"

@@ -66,7 +66,7 @@ def verdicts(rows: list[dict]) -> dict:
         best = max(method_rows, key=lambda r: r["gold"])
         betas = [(r["setting"].get("loss.beta"), r["kl"]) for r in method_rows]
         kl_falls = None
-        if len(betas) > 1 and all(b is not None for b, _ in betas):
+        if len({b for b, _ in betas}) > 1 and all(b is not None for b, _ in betas):
             kls = [kl for _, kl in sorted(betas)]
             kl_falls = all(a > b for a, b in zip(kls, kls[1:]))
         out["methods"][method] = {"best_setting": best["setting"], "best_gold": best["gold"],
@@ -104,28 +104,33 @@ def plot(rows: list[dict], path: str, title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     others = [m for m in methods if m not in ("base", "sft")]
-    colours = {"base": "grey", "sft": "black", **{m: plt.cm.tab10(i) for i, m in enumerate(others)}}
-    for method in methods:
+    colours = {"base": "grey", "sft": "black", **{m: plt.cm.tab20(i % 20) for i, m in
+                                                  enumerate(others)}}
+    markers = "os^Dv<>pPX"
+    for i, method in enumerate(methods):
         pts = [r for r in rows if r["method"] == method]
-        style = dict(marker="*", markersize=14) if method in ("base", "sft") else dict(marker="o")
+        style = dict(marker="*", markersize=14) if method in ("base", "sft") else \
+            dict(marker=markers[i % len(markers)])
         ax.errorbar([r["kl"] for r in pts], [r["gold"] for r in pts],
                     xerr=[r["kl_ci95"] for r in pts], yerr=[r["gold_ci95"] for r in pts],
                     color=colours[method], label=method, capsize=3, linestyle="-"
                     if len(pts) > 1 else "none", alpha=0.9, **style)
-        for r in pts:
-            beta = r["setting"].get("loss.beta")
-            if beta is not None:
-                ax.annotate(f"β={beta}", (r["kl"], r["gold"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=colours[method])
+        varying = [k for k in pts[0]["setting"] if len({str(r["setting"].get(k)) for r in pts}) > 1]
+        for r in pts:  # the settings that differ between the method's points
+            label = ", ".join(f"{k.split('.')[-1].replace('beta', 'β')}={r['setting'][k]}"
+                              for k in varying)
+            if label:
+                ax.annotate(label, (r["kl"], r["gold"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6, color=colours[method])
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL(policy || SFT reference), nats per sequence")
     ax.set_ylabel("mean gold reward (95% CI)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
