@@ -36,7 +36,9 @@ KINDS = ("gold", "reward_model", "judge")
 # loss.judge.* keys and their defaults (scripts/label_ai_preferences.py's flags)
 JUDGE_DEFAULTS = {"base_url": None, "model": None, "template": "default", "endpoint": "chat",
                   "verdict": "text", "max_tokens": 8, "concurrency": 8, "max_attempts": 5,
-                  "timeout": 60.0, "backoff": 1.0, "backoff_max": 60.0, "api_key_env": None}
+                  "timeout": 60.0, "backoff": 1.0, "backoff_max": 60.0, "api_key_env": None,
+                  "organization": None, "project": None, "headers": None, "api_version": None,
+                  "token_limit_param": "auto"}
 
 
 def parse_scorer(key: str, spec, judge: dict | None, scorer_import: str | None):
@@ -128,7 +130,10 @@ class JudgeScorer:
                                verdict=s["verdict"], judge_max_tokens=s["max_tokens"],
                                max_attempts=s["max_attempts"], timeout=s["timeout"],
                                backoff=s["backoff"], backoff_max=s["backoff_max"],
-                               api_key_env=s["api_key_env"])
+                               api_key_env=s["api_key_env"], organization=s["organization"],
+                               project=s["project"], api_version=s["api_version"],
+                               header=[f"{k}={v}" for k, v in (s["headers"] or {}).items()],
+                               token_limit_param=s["token_limit_param"])
         self.judge, self.concurrency = make_judge("llm", args), int(s["concurrency"])
         self.name = self.judge.name
 
