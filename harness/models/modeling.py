@@ -52,11 +52,40 @@ def load_model(name_or_path: str, dtype: str, archive: str | None = None, device
     return model
 
 
-def load_archive(model, archive: str) -> int:
-    """Load `state` of a reference-format policy.pt into `model`; returns its step_idx."""
+def read_archive(archive: str, mmap: bool = False) -> dict:
+    """A reference-format policy.pt ({"state": ...}); a missing, truncated or foreign file is a
+    clear error naming it, never a pickle traceback."""
     if not os.path.exists(archive):
         raise FileNotFoundError(f"model.archive={archive!r} does not exist")
-    ckpt = torch.load(archive, map_location="cpu", weights_only=True)
+    if os.path.isdir(archive):
+        raise IsADirectoryError(f"model.archive={archive!r} is a directory: give its policy.pt, "
+                                "or pass the directory to train.py, which finds LATEST/policy.pt")
+    try:
+        ckpt = torch.load(archive, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 (zip, pickle and unpickling errors all mean the same)
+        reason = " ".join(str(err).split())[:160]
+        raise ValueError(f"model.archive={archive!r} is not a readable policy.pt (truncated, or "
+                         f"not a torch checkpoint: {reason})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state"), dict):
+        raise ValueError(f"model.archive={archive!r} is not a policy.pt: it has no 'state' dict "
+                         "(train.py writes {step_idx, state, metrics})")
+    return ckpt
+
+
+def check_archive(archive: str):
+    """Fail before any model loads on an archive that cannot be read (mmap: no weights read)."""
+    read_archive(archive, mmap=True)
+
+
+def load_archive(model, archive: str) -> int:
+    """Load `state` of a reference-format policy.pt into `model`; returns its step_idx. Weights
+    that are not finite (a diverged run's) are refused."""
+    ckpt = read_archive(archive)
+    bad = [k for k, v in ckpt["state"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"model.archive={archive!r} holds NaN or inf weights ({len(bad)} tensors, "
+                         f"e.g. {bad[0]}): it comes from a diverged run; use an earlier checkpoint")
     missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()
