@@ -238,7 +238,9 @@ def _train(cfg: DictConfig, run_dir: str, resume: dict | None):
     seed_everything(cfg.seed)
     if not resume:
         base_model_notice(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
+                               "model.tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path
+                               else "model.name_or_path")
     # a resumed run restores its own weights, except a LoRA run's base: its checkpoints hold
     # the adapters (sharded/ has everything, but only distributed trainers read it)
     archive = cfg.model.archive if not resume or lora.enabled(cfg.model) else None

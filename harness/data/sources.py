@@ -18,7 +18,8 @@ from harness.data.dialogue import dialogue, extract_prompt, human_prompt
 from harness.data.html_text import strip_html
 from harness.data.validate import (DUPLICATE, EMPTY, IDENTICAL, MARKERS, MISMATCHED,  # noqa: F401
                                    SPECIAL_MARKERS, DataError, RowCheck, has_markers, hub_error,
-                                   judge_winner, load_rows, read_json)
+                                   judge_winner, load_rows, offline_unless_reachable,
+                                   read_json)
 
 Records = dict[str, dict]
 DATASETS: dict[str, Callable[..., Records]] = {}
@@ -252,6 +253,7 @@ def load_sharegpt(split, path=None, *, cache_dir=None, num_turns=1, silent=False
     if path is None:
         from huggingface_hub import hf_hub_download  # the dump is one JSON file, not a datasets table
         repo_id, filename = SHAREGPT_HUB
+        offline_unless_reachable()
         try:
             path = hf_hub_download(repo_id, filename, repo_type="dataset", cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 (network, auth: say the offline route)

@@ -195,11 +195,52 @@ def hub_error(err: Exception, name: str, hub_id: str) -> DataError:
         "HF_HUB_OFFLINE=1 to read the hub cache only")
 
 
+_HUB = {}
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection, tried once per
+    process; False under HF_HUB_OFFLINE=1."""
+    if "ok" not in _HUB:
+        import socket
+        from urllib.parse import urlparse
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        try:
+            if offline:
+                raise OSError("HF_HUB_OFFLINE=1")
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout).close()
+            _HUB["ok"] = True
+        except OSError as err:
+            _HUB["ok"], _HUB["why"] = False, str(err)
+    return _HUB["ok"]
+
+
+def offline_unless_reachable() -> bool:
+    """When the hub cannot be reached, switch datasets / huggingface_hub / transformers to the
+    local cache only (a clear failure in seconds instead of minutes of retries); True if so."""
+    if hub_reachable():
+        return False
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    if not _HUB.get("said"):
+        logger.warning("the Hugging Face hub is unreachable (%s): reading the local cache only",
+                       _HUB.get("why"))
+        _HUB["said"] = True
+    return True
+
+
 def load_rows(name: str, hub_id: str, path, split: str, cache_dir):
     """Rows of `split` from the hub, from a local folder in the same raw schema (datasets), or
     from one local JSON / JSON Lines file (taken to be the requested split)."""
     import datasets  # lazy: a config check needs none of it
     if path is None:
+        offline_unless_reachable()
         try:
             return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 (network, auth, missing split: say the route)
