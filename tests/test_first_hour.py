@@ -155,10 +155,10 @@ def test_archive_checks(tmp_path):
 
 
 # --------------------------------------------------------------- end to end (slow)
-def cli_run(tmp_path, *args, env=None, timeout=600):
+def cli_run(tmp_path, *args, env=None, timeout=600, flags=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("HARNESS_FAULT", None)
-    return subprocess.run([*TRAIN, f"local_dirs=[{tmp_path}]", "wandb.enabled=false", *args],
+    return subprocess.run([*TRAIN, *flags, f"local_dirs=[{tmp_path}]", "wandb.enabled=false", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -231,10 +231,12 @@ def test_exploding_run_stops_with_the_statistic_and_keeps_the_last_good_checkpoi
 
 @pytest.mark.slow
 def test_blank_model_needs_no_block_name_and_a_tiny_file_trains_without_a_test_split(tmp_path):
-    small = tmp_path / "small.json"
-    small.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Say {i}."},
-                                                    {"from": "gpt", "value": f"{i}."}]}
-                                 for i in range(12)]))
+    from harness.data.sources import in_test_split
+    says = [f"Say {i}." for i in range(40) if not in_test_split(f"\n\nHuman: Say {i}.\n\nAssistant:")]
+    small = tmp_path / "small.json"  # a small file whose 5% hash test split is empty
+    small.write_text(json.dumps([{"conversations": [{"from": "human", "value": say},
+                                                    {"from": "gpt", "value": "Done."}]}
+                                 for say in says[:12]]))
     out = cli_run(tmp_path, *QUICK, "model=blank_model",
                   f"model.name_or_path={ROOT / 'assets' / 'tiny_model'}",
                   f"datasets=[sharegpt:{small}]", "n_examples=8")
@@ -244,7 +246,7 @@ def test_blank_model_needs_no_block_name_and_a_tiny_file_trains_without_a_test_s
 
 @pytest.mark.slow
 def test_multirun_output_stays_under_local_dirs(tmp_path):
-    out = cli_run(tmp_path, "-m", *QUICK, "n_examples=8", "seed=1,2")
+    out = cli_run(tmp_path, *QUICK, "n_examples=8", "seed=1,2", flags=["-m"])
     assert out.returncode == 0, out.stderr[-2000:]
     (sweep,) = tmp_path.glob("toy_sft_sweep_*")
     assert (sweep / "multirun.yaml").exists() and len(list(sweep.glob("toy_sft_*"))) == 2
