@@ -24,7 +24,7 @@ from harness.training.cli import (clean_errors, first_usable_dir, precheck, remo
 RESUMABLE = ("n_epochs", "n_examples", "eval_every", "save_every", "keep_last", "debug",
              "wandb", "minimum_log_interval_secs", "export_hf", "sample_during_eval",
              "nproc_per_node", "local_dirs", "gold_eval_prompts", "health",
-             "resume_accept_data_change")
+             "resume_accept_data_change", "num_threads")
 OmegaConf.register_new_resolver("first_usable_dir", first_usable_dir, replace=True)
 
 
@@ -177,6 +177,9 @@ def run(cfg: DictConfig, overrides: list[str] = (), run_parent: str | None = Non
     resolve_archive(cfg)
     from harness.models.modeling import check_model_source
     check_model_source(cfg.model.name_or_path)
+    if cfg.get("num_threads"):
+        import torch
+        torch.set_num_threads(cfg.num_threads)
     created = distributed.init(cfg)
     distributed.quiet_unless_main(cfg.debug)
     try:
@@ -192,12 +195,14 @@ def _run(cfg: DictConfig, run_parent: str | None) -> str:
     from harness.parallel import distributed
     from harness.training.strategy import strategy_class
     OmegaConf.resolve(cfg)
-    fresh, lock = cfg.local_run_dir is None, None
-    if fresh:  # rank 0 makes a fresh dir; every rank takes its name
+    lock, fresh = None, cfg.local_run_dir is None or not os.path.exists(cfg.local_run_dir)
+    if cfg.local_run_dir is None:  # rank 0 makes a fresh dir; every rank takes its name
         cfg.local_run_dir = distributed.broadcast_object(checkpoints.get_local_run_dir(
             cfg.exp_name, [run_parent] if run_parent else cfg.local_dirs)
             if distributed.is_main() else None)
     run_dir = cfg.local_run_dir
+    if distributed.is_main():
+        os.makedirs(run_dir, exist_ok=True)  # a local_run_dir given on the command line
     try:
         if distributed.is_main():  # one owner per run dir; a resume first repairs a killed save
             lock = run_dirs.RunDirLock(run_dir).acquire()
@@ -208,12 +213,15 @@ def _run(cfg: DictConfig, run_parent: str | None) -> str:
                                             distributed.is_main() else None)
         resume = checkpoints.load_for_resume(run_dir, strategy_class(cfg).sharded_checkpoints,
                                              ckpt) if cfg.resume else None
-        if distributed.is_main() and fresh:
+        if distributed.is_main() and not cfg.resume:
             checkpoints.atomic_write_text(os.path.join(run_dir, "config.yaml"),
                                           OmegaConf.to_yaml(cfg))
             print(OmegaConf.to_yaml(cfg))
         print(f"run dir: {run_dir}")
         _train(cfg, run_dir, resume)
+        if distributed.is_main():  # the toy task's report: gold reward of start vs trained
+            from harness.evaluation.run_report import final_gold_eval
+            final_gold_eval(cfg, run_dir)
     except BaseException:
         if fresh and distributed.is_main():
             remove_if_empty(run_dir)  # a run that never started leaves nothing behind
@@ -221,9 +229,6 @@ def _run(cfg: DictConfig, run_parent: str | None) -> str:
     finally:
         if lock is not None:
             lock.release()
-    if distributed.is_main():
-        from harness.evaluation.run_report import final_gold_eval
-        final_gold_eval(cfg, run_dir)
     print(f"done: {run_dir}")
     return run_dir
 

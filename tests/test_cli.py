@@ -44,6 +44,18 @@ def test_default_run(tmp_path):
     assert "win rate of the trained policy over its start" in out.stdout
 
 
+def test_the_default_run_aligns_beyond_the_intervals(tmp_path):
+    """`python train.py` exactly as the README's first command: the trained model's gold reward
+    beats the base model's beyond both 95% intervals (final_eval.json, curves.png)."""
+    out = subprocess.run([*TRAIN, f"local_dirs=[{tmp_path}]", "wandb.enabled=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path, "toy_sft")
+    report = json.loads((run_dir / "final_eval.json").read_text())
+    assert report["n_prompts"] == 200 and report["beyond_intervals"], report
+    assert "(+" in out.stdout and "beyond the 95% intervals)" in out.stdout
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     common = [f"local_dirs=[{tmp_path}]", "wandb.enabled=false", "n_examples=1024",
               "gold_eval_prompts=0",

@@ -18,6 +18,7 @@ ALWAYS_READ = frozenset({
     "warmup_steps", "eval_every", "minimum_log_interval_secs", "save_every", "prefs_path",
     "data_fraction", "num_turns", "resume", "export_hf", "keep_last", "fused_optimizer",
     "compile", "model", "loss", "trainer", "preset", "hydra", "health", "gold_eval_prompts",
+    "num_threads",
     "resume_accept_data_change"})
 
 
@@ -92,6 +93,7 @@ RANGES = {
     "data_fraction": Rule(float, 0, 1, open_low=True),
     "micro_batch_tokens": Rule(int, 1, null=True, null_means="gradient_accumulation_steps"),
     "gold_eval_prompts": Rule(int, 0),
+    "num_threads": Rule(int, 1, null=True, null_means="torch's default"),
     "health.max_loss": Rule(float, null=True, null_means="no limit"),
     "health.max_loss_ratio": Rule(float, 1, open_low=True, null=True, null_means="no limit"),
     "health.max_grad_norm": Rule(float, 0, open_low=True, null=True, null_means="no limit"),
