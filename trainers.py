@@ -170,9 +170,10 @@ class BasicTrainer:
         with torch.no_grad(), lora.adapters_disabled(self.reference_model):
             return self.forward(self.reference_model, batch)[:2]
 
-    def prepare_reference(self, total: float):
+    def prepare_reference(self, total: float = math.inf):
         """Precompute the reference log-probs of the examples this run will use (the eval set
-        and the train examples of the next `total` examples seen), then free the model."""
+        and the train examples of the next `total` examples seen; all by default), then free
+        the model."""
         if not (needs_reference(self.cfg.loss) and self.cfg.precompute_reference):
             return
         train = self.train_batches

@@ -133,7 +133,7 @@ RULES = [
     (r"^bash scripts/sweeps/frontier\.sh --quick", Covered("tests/test_sweeps.py::test_quick_frontier")),
     (r"^bash scripts/sweeps/frontier\.sh", Needs("time: the full frontier takes minutes and "
                                                  "rewrites docs/frontier.*; --quick runs its code")),
-    (r"^bash scripts/toy_rlhf\.sh --quick", Quick()),
+    (r"^bash scripts/toy_rlhf\.sh --quick", Quick(args="local_dirs=[{work}/rlhf]")),
     (r"^bash scripts/toy_rlhf\.sh$", Needs("time: the full pipeline; its --quick command runs "
                                            "the same code at a tenth of the size")),
     (r"^bash scripts/demo_rlaif\.sh",
@@ -206,7 +206,7 @@ def work(tmp_path_factory):
     art["resumable"] = work / "resumable"
     shutil.copytree(art["sft"], art["resumable"], symlinks=True)
     _run([sys.executable, str(ROOT / "scripts" / "generate_samples.py"), str(art["sft"]),
-          "--prompts", "toy", "--split", "train", "--end", "12", "--n-samples", "2",
+          "--prompts", "toy", "--split", "train", "--end", "64", "--n-samples", "2",
           "--max-new-tokens", "16", "--out", str(work / "s.jsonl")], work)
     _run([sys.executable, str(ROOT / "scripts" / "label_ai_preferences.py"), "--samples",
           str(work / "s.jsonl"), "--judge", "gold:toy", "--out-dir", str(work / "labels")], work)
@@ -258,7 +258,7 @@ def quick_command(command: str, rule: Quick, art) -> str:
                 if key not in keys:
                     part, keys = f"{part} {arg}", keys | {key}
         elif rule.args:
-            part = f"{part} {rule.args}"
+            part = f"{part} {rule.args.format(work=art['work'], runs=art['runs'])}"
         parts.append(part)
     return " && ".join(parts)
 
