@@ -15,14 +15,14 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-import datasets
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from harness.data.sources import DATASETS, Records
+from harness.data.sources import DATASETS, EmptySplit, Records
 from harness.data.tokens import (check_truncation_mode, pad, pad_id, pad_with_mask, token_ids,
                                  truncate)
 
@@ -42,6 +42,7 @@ def get_dataset(spec: str, split: str, *, cache_dir=None, prefs_path=None, num_t
         logger.info("dataset %r: using AI preference labels from %s", spec, prefs_path)
         name, path = "prefs", prefs_path
     if silent:
+        import datasets
         datasets.disable_progress_bars()
     data = DATASETS[name](split, path, cache_dir=cache_dir, num_turns=num_turns, silent=silent)
     if not data:
@@ -71,6 +72,7 @@ class Example:
     rejected: str | None
     truncation_mode: str
     uid: str  # stable hash of (prompt, chosen, rejected): names the example across runs
+    source: str = field(default="", compare=False)  # "SPEC record I", for error messages
 
 
 def make_example(prompt: str, chosen: str, rejected: str | None, truncation_mode: str) -> Example:
@@ -118,12 +120,16 @@ def _subsample(prompts: list[str], fraction: float, seed: int, spec: str) -> lis
 
 def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction: float = 1.0,
                   seed: int = 0, cache_dir=None, prefs_path=None, num_turns: int = 1,
-                  silent: bool = False, record_examples: Callable | None = None) -> list:
+                  silent: bool = False, record_examples: Callable | None = None,
+                  allow_empty: bool = False, fingerprints: dict | None = None) -> list:
     """Flatten the records of every spec, in dataset order then record order.
 
     data_fraction keeps a seeded random subset of each dataset's prompts (train split only;
     evaluation always sees the whole test split). record_examples(prompt, record) replaces the
-    SFT / pair examples (sft_mode is then ignored), e.g. with CoH chains."""
+    SFT / pair examples (sft_mode is then ignored), e.g. with CoH chains. allow_empty: a source
+    whose split is empty is skipped with a warning (the caller decides what no examples means).
+    fingerprints, if given, gets {spec: a hash of the spec's examples in order}: the identity
+    of the data a run trains on (harness/training/setup.py checks it on resume)."""
     if isinstance(specs, str):
         specs = [specs]
     if not 0 < data_fraction <= 1:
@@ -133,15 +139,27 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
         raise ValueError(f"prefs_path replaces each dataset's pairs; give one dataset, not {list(specs)}")
     examples = []
     for spec in specs:
-        data = get_dataset(spec, split, cache_dir=cache_dir, prefs_path=prefs_path,
-                           num_turns=num_turns, silent=silent)
+        try:
+            data = get_dataset(spec, split, cache_dir=cache_dir, prefs_path=prefs_path,
+                               num_turns=num_turns, silent=silent)
+        except EmptySplit as err:
+            if not allow_empty:
+                raise
+            logger.warning("%s: no %s examples from it", err, split)
+            continue
         prompts = list(data)
         if split == "train" and data_fraction < 1:
             prompts = _subsample(prompts, data_fraction, seed, spec)
-        for prompt in prompts:
-            examples.extend(record_examples(prompt, data[prompt]) if record_examples else
-                            _record_examples(prompt, data[prompt], sft_mode))
-    if not examples:
+        start = len(examples)
+        for i, prompt in enumerate(prompts):
+            made = record_examples(prompt, data[prompt]) if record_examples else \
+                _record_examples(prompt, data[prompt], sft_mode)
+            examples.extend(replace(ex, source=f"{spec}: record {i}") if isinstance(ex, Example)
+                            else ex for ex in made)
+        if fingerprints is not None:
+            fingerprints[spec] = hashlib.sha256("".join(
+                ex.uid for ex in examples[start:]).encode()).hexdigest()[:16]
+    if not examples and not allow_empty:
         mode = "examples" if record_examples else "SFT targets" if sft_mode else \
             "preference pairs (SFT-only data in a pairwise loss?)"
         raise ValueError(f"datasets {list(specs)} split {split!r} gave no {mode}")
@@ -240,17 +258,39 @@ def split_by_tokens(batch: dict, budget: int, ranks: int = 1) -> list[dict]:
     return [select_rows(batch, group) for group in groups]
 
 
+def tokenize_all(examples: list, tokenizer, tokenize: Callable, max_length: int,
+                 max_prompt_length: int, desc: str | None = None) -> list[dict]:
+    """Every example's token ids, before the first step: text a tokenizer cannot take (the EOS
+    token inside a response, ...) fails here, naming the source and record, never mid-run. Ids
+    are kept as int32 arrays (a quarter of a list of Python ints)."""
+    items = []
+    for ex in tqdm(examples, desc=desc or "tokenizing", disable=desc is None, unit="ex",
+                   mininterval=1.0):
+        try:
+            item = tokenize(ex, tokenizer, max_length, max_prompt_length)
+        except (ValueError, TypeError) as err:
+            where = getattr(ex, "source", "") or "example"
+            raise ValueError(f"{where} (uid {ex.uid}, prompt {ex.prompt[:60]!r}): {err}; fix or "
+                             "remove the record (every example is checked before training "
+                             "starts)") from None
+        items.append({k: np.asarray(v, dtype=np.int32) if isinstance(v, list) else v
+                      for k, v in item.items()})
+    return items
+
+
 class BatchIterator:
-    """Batches of examples, tokenized lazily per batch.
+    """Batches of examples, all tokenized up front (tokenize_all), padded per batch.
 
     The order of epoch e is a permutation drawn from default_rng([seed, e]) (identity when not
     shuffling): it depends on the seed, differs per epoch, and can be recomputed at any time,
-    so resuming mid-epoch skips straight to the next unseen example without tokenizing the rest.
-    The final partial batch is kept unless drop_last."""
+    so resuming mid-epoch skips straight to the next unseen example. The final partial batch is
+    kept unless drop_last. `items` reuses another iterator's tokenized examples (same order);
+    `progress` names the tokenizing progress bar (None: no bar)."""
 
     def __init__(self, examples: list[Example], tokenizer, *, batch_size: int, shuffle: bool, seed: int,
                  max_length: int, max_prompt_length: int, drop_last: bool = False,
-                 tokenize: Callable | None = None):
+                 tokenize: Callable | None = None, items: list[dict] | None = None,
+                 progress: str | None = None):
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
         if batch_size < 1:
@@ -262,6 +302,10 @@ class BatchIterator:
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.tokenize = tokenize or tokenize_example
         self.pad_token_id = pad_id(tokenizer)
+        self.items = items if items is not None else tokenize_all(
+            examples, tokenizer, self.tokenize, max_length, max_prompt_length, progress)
+        if len(self.items) != len(examples):
+            raise ValueError(f"{len(self.items)} tokenized items for {len(examples)} examples")
 
     def __len__(self) -> int:
         n = len(self.examples)
@@ -282,7 +326,6 @@ class BatchIterator:
                              f"within the epoch's {len(self.examples)} examples")
         order = self.epoch_order(epoch)
         for begin in range(start, self.examples_per_epoch, self.batch_size):
-            chosen = [self.examples[i] for i in order[begin: begin + self.batch_size]]
-            items = [self.tokenize(ex, self.tokenizer, self.max_length, self.max_prompt_length)
-                     for ex in chosen]
-            yield collate(items, self.pad_token_id, chosen)
+            rows = order[begin: begin + self.batch_size]
+            yield collate([self.items[i] for i in rows], self.pad_token_id,
+                          [self.examples[i] for i in rows])

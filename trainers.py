@@ -27,6 +27,7 @@ from harness.objectives import (StepContext, get_loss_spec, loss_options, needs_
 from harness.parallel import distributed
 from harness.training import reference_cache, schedule
 from harness.training.checkpoint_writer import CheckpointWriter, TrainState, restore
+from harness.training.health import HealthGuard, TrainingDiverged
 from harness.training.judged_eval import JudgedEval, judge_options
 from harness.training.setup import load_splits, make_logger, make_optimizer, make_scheduler
 from harness.training.strategy import make_strategy
@@ -58,6 +59,7 @@ class BasicTrainer:
             self.state = restore(resume, self.dist, self.policy, self.policy, self.optimizer,
                                  self.scheduler, TrainState)
         self.reference_table = None
+        self.guard = HealthGuard(config)
         self.writer = CheckpointWriter(run_dir, config, self.dist, tokenizer)
         self.logger = make_logger(config, run_dir, self.dist.is_main, self.state,
                                   resume is not None)
@@ -103,11 +105,14 @@ class BasicTrainer:
         train, test = fmt.finish(train), fmt.finish(test)  # e.g. KTO's mismatched completions
         tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    tokenize=fmt.tokenize)
+        # every example is tokenized (and checked) here, before the first step
+        bar = (lambda name: f"tokenizing {name}") if self.dist.is_main else (lambda name: None)
         self.train_batches = BatchIterator(train, self.tokenizer, batch_size=cfg.batch_size,
                                            shuffle=True, seed=cfg.seed, drop_last=cfg.drop_last,
-                                           **tok)
+                                           progress=bar("train"), **tok)
         self.eval_batches = BatchIterator(test, self.tokenizer, batch_size=cfg.eval_batch_size,
-                                          shuffle=False, seed=cfg.seed, **tok)
+                                          shuffle=False, seed=cfg.seed, progress=bar("eval"),
+                                          **tok)
         self.print(f"data: {len(train)} train / {len(test)} eval examples from "
                    f"{list(cfg.datasets)}{fmt.describe(train)}")
 
@@ -173,14 +178,19 @@ class BasicTrainer:
         with torch.no_grad(), lora.adapters_disabled(self.reference_model):
             return self.forward(self.reference_model, batch)[:2]
 
-    def prepare_reference(self):
-        """Precompute the reference log-probs of all train and eval examples, then free the model."""
+    def prepare_reference(self, total: float = math.inf):
+        """Precompute the reference log-probs of the examples this run will use (the eval set
+        and the train examples of the next `total` examples seen; all by default), then free
+        the model."""
         if not (needs_reference(self.cfg.loss) and self.cfg.precompute_reference):
             return
-        examples = self.train_batches.examples + self.eval_batches.examples
+        train = self.train_batches
+        rows = sorted(set(schedule.rows_to_visit(train, self.state, total)))
+        examples = [train.examples[i] for i in rows] + self.eval_batches.examples
         loader = BatchIterator(examples, self.tokenizer, batch_size=self.cfg.eval_batch_size,
                                shuffle=False, seed=0, max_length=self.cfg.max_length,
-                               max_prompt_length=self.cfg.max_prompt_length)
+                               max_prompt_length=self.cfg.max_prompt_length,
+                               items=[train.items[i] for i in rows] + self.eval_batches.items)
         key = reference_cache.cache_key(
             self.cfg.model, {"tokenizer": self.cfg.model.tokenizer_name_or_path or
                              self.cfg.model.name_or_path, "max_length": self.cfg.max_length,
@@ -288,12 +298,18 @@ class BasicTrainer:
                                 self.tokenizer, distributed.world_size() > 1, self.dist.is_main)
 
     def train(self):
-        cfg, st = self.cfg, self.state
+        per_epoch = self.train_batches.examples_per_epoch
+        total = schedule.total_examples(self.cfg, per_epoch)
         self.prepare_judge()
-        self.prepare_reference()
-        per_epoch = len(self.train_batches.examples) if not cfg.drop_last else \
-            len(self.train_batches) * cfg.batch_size
-        total = schedule.total_examples(cfg, per_epoch)
+        self.prepare_reference(total)
+        try:
+            self._train(per_epoch, total)
+        except TrainingDiverged:
+            self.logger.close()  # the curves up to the bad step, for a look at what happened
+            raise
+
+    def _train(self, per_epoch: int, total: float):
+        st = self.state
         bar = tqdm(total=total, initial=st.examples, unit="ex", desc="train", dynamic_ncols=True,
                    disable=not self.dist.is_main)
         while st.examples < total:
@@ -341,6 +357,8 @@ class BasicTrainer:
             self.add_metrics(sums, metrics, n)
             count += n
         grad_norm = self.dist.clip(self.policy.parameters(), self.cfg.max_grad_norm)
+        out = self.reduce_means(sums, count)
+        self.guard.check_step(self.state, out.get("loss/train"), grad_norm)  # before the step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -352,7 +370,6 @@ class BasicTrainer:
         st.epoch_offset += n_examples
         st.steps += 1
         elapsed = max(time.time() - start, 1e-9)
-        out = self.reduce_means(sums, count)
         out.update({"grad_norm": grad_norm, "examples_per_second": n_examples / elapsed,
                     "tokens_per_second": tokens / elapsed, "lr": self.scheduler.get_last_lr()[0],
                     "counters/examples": st.examples, "counters/updates": st.steps})
@@ -361,6 +378,7 @@ class BasicTrainer:
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, name: str | None = None):
         """A checkpoint (default step-N) through the shared writer, with the loss's own files."""
+        self.guard.check_weights(self.policy, self.state)  # never write NaN weights
         files = self.spec.checkpoint_files
         extras = None if files is None else \
             (lambda ckpt_dir: files(self.ctx, ckpt_dir, self.eval_batches, self.cfg))

@@ -12,8 +12,10 @@ A checkpoint dir (step-N/, epoch-N/) holds the reference-compatible files
 plus trainer_state.pt (data position, counters, RNG states) for exact resume; distributed
 trainers add sharded/ (torch.distributed.checkpoint: every rank's shards of model and optimizer,
 loadable on any number of ranks) and LoRA runs add adapter/ (peft format). Each dir is
-written under a temporary name and renamed into place, and LATEST is a symlink swapped with
-os.replace, so a crash at any moment leaves either the old or the new checkpoint, never half.
+written under a hidden name, marked complete and renamed into place, and LATEST is a symlink
+swapped with os.replace; a re-save of an existing name and keep_last pruning are ordered the
+same way, so a crash at any instruction leaves a complete copy of every checkpoint, and
+harness/run_dir.py puts the run dir back in order on the next start or resume.
 """
 
 import datetime
@@ -23,12 +25,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from omegaconf import OmegaConf
 
-LATEST = "LATEST"
+from harness.run_dir import (COMPLETE, LATEST, fault_point, fsync_dir, hidden_name,
+                             locate_latest, remove_tree)
+
 SHARDED = "sharded"
 ADAPTER = "adapter"
 POLICY = "policy.pt"
@@ -76,12 +77,16 @@ def atomic_write_text(path, text: str):
 
 
 def rng_state() -> dict:
+    import numpy as np  # lazy, here and below: train.py checks a config without torch
+    import torch
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict):
+    import numpy as np
+    import torch
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -89,46 +94,112 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions): names the disk."""
+
+
+def _write_failed(err: BaseException, ckpt_dir: Path, name: str) -> CheckpointWriteError:
+    try:
+        usage = shutil.disk_usage(ckpt_dir.parent)
+        disk = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB"
+    except OSError:
+        disk = "free space unknown"
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return CheckpointWriteError(
+        f"checkpoint {name} could not be written to {ckpt_dir} ({reason}; the disk holding "
+        f"{ckpt_dir.parent}: {disk}). LATEST still points at the previous checkpoint: free "
+        "space (keep_last=N keeps fewer), or move the run with local_dirs=, then resume=")
+
+
 def save_checkpoint(run_dir, name: str, step_idx: int, metrics: dict, policy_state: dict,
                     optimizer_state: dict | None, scheduler_state: dict | None,
-                    trainer_state: dict | None, extra_writer=None) -> Path:
-    """Write run_dir/name atomically and point LATEST at it. `extra_writer(tmp_dir)` may add
-    files (e.g. a Hugging Face export) inside the same atomic unit."""
+                    trainer_state: dict | None, extra_writer=None, latest: bool = True) -> Path:
+    """Write run_dir/name and point LATEST at it (latest=False: leave LATEST alone, e.g. for
+    weights kept for inspection). `extra_writer(tmp_dir)` may add files (e.g. a Hugging Face
+    export) inside the same unit. Crash-safe at every instruction (harness/run_dir.py): the dir
+    is written under a hidden name, marked complete, then renamed into place; re-saving a name
+    that exists swaps LATEST to the new copy before the old one is retired."""
+    import torch
     run_dir = Path(run_dir)
     final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state,
-             "scheduler.pt": scheduler_state}
-    for fname, state in files.items():
-        if state is not None:
-            torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / fname)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    if extra_writer is not None:
-        extra_writer(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a step save)
-        old = run_dir / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = run_dir / hidden_name(name, "tmp")
+    if tmp.exists():
+        remove_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state,
+                 "scheduler.pt": scheduler_state, "trainer_state.pt": trainer_state}
+        for fname, state in files.items():
+            if state is not None:
+                obj = state if fname == "trainer_state.pt" else \
+                    {"step_idx": step_idx, "state": state, "metrics": metrics}
+                torch.save(obj, tmp / fname)
+                if fname == "policy.pt":
+                    fault_point("save:files")  # a crash with the dir half written
+        if extra_writer is not None:
+            extra_writer(tmp)
+        _sync_tree(tmp)
+        atomic_write_text(tmp / COMPLETE, f"{step_idx}\n")
+    except (OSError, RuntimeError) as err:
+        if tmp.exists():
+            remove_tree(tmp)
+        raise _write_failed(err, tmp, name) from err
+    fault_point("save:complete")
+    if final.exists():
+        _replace_existing(run_dir, name, tmp, latest)
     else:
         os.replace(tmp, final)
-    _point_latest(run_dir, name)
+        fsync_dir(run_dir)
+        fault_point("save:renamed")
+        if latest:
+            _point_latest(run_dir, name)
+            fault_point("save:latest")
     return final
 
 
+def _sync_tree(path: Path):
+    """fsync every file under `path`, so a checkpoint marked complete survives a power cut."""
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _replace_existing(run_dir: Path, name: str, tmp: Path, latest: bool):
+    """Re-save of an existing name (e.g. the final save of a resumed run): LATEST moves to the
+    new copy first, then the old copy is retired, the new one renamed into place, LATEST
+    pointed at it and the old copy deleted; harness.run_dir.recover completes any prefix."""
+    if latest:
+        _point_latest(run_dir, tmp.name)
+        fault_point("resave:latest-tmp")
+    old = run_dir / hidden_name(name, "old")
+    os.replace(run_dir / name, old)
+    fault_point("resave:retired")
+    os.replace(tmp, run_dir / name)
+    fsync_dir(run_dir)
+    fault_point("resave:renamed")
+    if latest:
+        _point_latest(run_dir, name)
+        fault_point("resave:latest")
+    remove_tree(old)
+
+
 def _point_latest(run_dir: Path, name: str):
-    link_tmp = run_dir / f".{LATEST}.tmp-{os.getpid()}"
+    link_tmp = run_dir / hidden_name(LATEST, "tmp")
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     os.symlink(name, link_tmp)
     os.replace(link_tmp, run_dir / LATEST)
+    fsync_dir(run_dir)
 
 
 def prune_checkpoints(run_dir, keep_last: int | None):
-    """Delete all but the newest `keep_last` step-N dirs (epoch-N dirs and LATEST's target stay)."""
+    """Delete all but the newest `keep_last` step-N dirs (epoch-N dirs and LATEST's target stay).
+    Each is renamed out of sight before it is deleted, so no half-deleted step-N is ever
+    visible (a leftover hidden one is removed by harness.run_dir.recover)."""
     if not keep_last:
         return
     run_dir = Path(run_dir)
@@ -137,7 +208,10 @@ def prune_checkpoints(run_dir, keep_last: int | None):
                    key=lambda p: int(p.name[5:]))
     for p in steps[:-keep_last]:
         if os.path.realpath(p) != latest:
-            shutil.rmtree(p, ignore_errors=True)
+            retired = run_dir / hidden_name(p.name, "pruned")
+            os.replace(p, retired)
+            fault_point("prune:retired")
+            remove_tree(retired, point="prune:deleting")
 
 
 def staging_dir(run_dir, name: str) -> Path:
@@ -166,29 +240,37 @@ def load_sharded(state: dict, path: Path):
     dcp.load(state, checkpoint_id=str(path))
 
 
-def load_for_resume(run_dir, sharded: bool = False) -> dict:
-    """The LATEST checkpoint of a run dir, for exact resume; clear errors when there is none.
+def resume_dir(run_dir) -> Path:
+    """The one checkpoint dir a resume reads (LATEST resolved once, so a LATEST that moves
+    meanwhile cannot mix two checkpoints); clear errors when there is none."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"resume={run_dir!r}: no such run directory")
+    ckpt = locate_latest(run_dir)
+    if ckpt is None or not (ckpt / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"resume={run_dir!r}: no complete checkpoint to resume from "
+                                f"({LATEST}/trainer_state.pt missing); start a fresh run instead")
+    return ckpt
+
+
+def load_for_resume(run_dir, sharded: bool = False, ckpt: Path | None = None) -> dict:
+    """The checkpoint `ckpt` (default: resume_dir(run_dir)) of a run dir, for exact resume.
 
     sharded=True (distributed trainers): weights and optimizer come from sharded/, so the full
     policy.pt / optimizer.pt are not read into every rank's memory."""
-    ckpt = Path(run_dir) / LATEST
-    if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"resume={run_dir!r}: no such run directory")
-    if not (ckpt / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"resume={run_dir!r}: no complete checkpoint to resume from "
-                                f"({ckpt}/trainer_state.pt missing); start a fresh run instead")
+    import torch
+    ckpt = Path(ckpt) if ckpt is not None else resume_dir(run_dir)
     load = lambda f: torch.load(ckpt / f, map_location="cpu", weights_only=False)  # noqa: E731
-    out = {"dir": str(ckpt.resolve()), "scheduler": load("scheduler.pt"),
+    out = {"dir": str(ckpt), "scheduler": load("scheduler.pt"),
            "trainer": load("trainer_state.pt")}
     if sharded:
         if not (ckpt / SHARDED).is_dir():
             raise FileNotFoundError(f"resume={run_dir!r}: {ckpt} has no {SHARDED}/ dir (it was "
                                     "saved by BasicTrainer; resume it with that trainer)")
-        out[SHARDED] = ckpt.resolve() / SHARDED
+        out[SHARDED] = ckpt / SHARDED
     else:
         out.update(policy=load("policy.pt"), optimizer=load("optimizer.pt"))
     if (ckpt / ADAPTER).is_dir():
-        out[ADAPTER] = ckpt.resolve() / ADAPTER
+        out[ADAPTER] = ckpt / ADAPTER
     return out
 
 
@@ -225,10 +307,10 @@ class CheckpointRef:
 
 def find_policy(path: str) -> str | None:
     """The policy.pt of a checkpoint dir or of a run dir (its LATEST), else None."""
-    for candidate in (os.path.join(path, POLICY), os.path.join(path, LATEST, POLICY)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    if os.path.isfile(os.path.join(path, POLICY)):
+        return os.path.join(path, POLICY)
+    latest = locate_latest(path)
+    return str(latest / POLICY) if latest and (latest / POLICY).is_file() else None
 
 
 def resolve_checkpoint(path: str, base_model: str | None = None,

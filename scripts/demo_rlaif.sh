@@ -22,7 +22,7 @@ N_PAIRS=${N_PAIRS:-800}; SFT_EXAMPLES=${SFT_EXAMPLES:-2000}; DPO_EPOCHS=${DPO_EP
 JUDGE=${JUDGE:-served}
 mkdir -p "$OUT"
 START=$(date +%s)
-COMMON=(wandb.enabled=false sample_during_eval=false eval_every=100000)
+COMMON=(wandb.enabled=false sample_during_eval=false eval_every=100000 gold_eval_prompts=0)
 log() { echo "== [$(( $(date +%s) - START ))s] $*"; }
 
 log "1. SFT -> $OUT/sft"

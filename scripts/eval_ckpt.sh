@@ -17,6 +17,7 @@
 #   JUDGE_MODEL       default judge;  TEMPLATE: judge template name/file (default default)
 #   API_KEY_ENV       name of the environment variable holding the judge's API key (if any)
 #   MAX_NEW_TOKENS    default 128;  OUT_ROOT: default .cache/eval;  PYTHON: default python
+#   N_PROMPTS         only the first N prompts of the instruction set (default: all)
 #   ALPACA_EVAL       the alpaca_eval command (default alpaca_eval; see requirements-eval.txt)
 #
 #   LC_GLM            length_controlled_minimal (default), _noreg or _v1 (these need GAMED)
@@ -40,6 +41,7 @@ TEMPLATE=${TEMPLATE:-default}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 OUT="${OUT_ROOT:-.cache/eval}/$NAME"; mkdir -p "$OUT"
 SAMPLE=(--prompts "$PROMPTS" --split "$SPLIT" --n-samples 1 --format alpaca_eval
         --temperature "$TEMP" --max-new-tokens "$MAX_NEW_TOKENS")
+[ -n "${N_PROMPTS:-}" ] && SAMPLE+=(--end "$N_PROMPTS")
 
 echo "== 1. outputs of $NAME ($CKPT)"
 "$PY" "$HERE/generate_samples.py" "$CKPT" "${SAMPLE[@]}" --generator "$NAME" --out "$OUT/model_outputs.json"

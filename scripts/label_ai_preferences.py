@@ -18,6 +18,8 @@ them). The API key is read from the environment variable named by --api-key-env,
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -137,20 +139,40 @@ def main(argv=None):
         stats = run_resumable(todo, judge_work(judge), log, args.concurrency, "judging")
         rows, counts = annotations(pairs, judge, log)
         usage = usage_summary(log, args)
-    atomic_write_text(out / "annotations.json", json.dumps(rows, indent=1, ensure_ascii=False))
     rate = win_rate([r["preference"] for r in rows])
+    nothing_labelled = rate.n == 0 and bool(counts["failed_items"])
+    if not nothing_labelled:  # an all-null annotations.json would only fail training later
+        atomic_write_text(out / "annotations.json", json.dumps(rows, indent=1, ensure_ascii=False))
     summary = {"judge": judge.name, "pairs": len(pairs), "this_run": stats, **usage,
                "win_rate_output_2": rate.as_dict(), "order_disagreements": counts["disagreements"],
                "identical_outputs": counts["identical"], "unmatched_prompts": unmatched,
                "failed_items": counts["failed_items"]}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    atomic_write_text(out / "summary.json", json.dumps(finite_or_null(summary), indent=1,
+                                                       ensure_ascii=False, allow_nan=False))
     plot_summary(rate, out / "summary.png")
     print(f"{rate}; order disagreements (ties): {counts['disagreements']}; tokens "
           f"{usage['prompt_tokens']} in / {usage['completion_tokens']} out, cost ${usage['cost_usd']}")
     for item in counts["failed_items"][:20]:
         print(f"FAILED {item['pair_id']}: {item['last_error'][:150]}")
+    if nothing_labelled:
+        raise SystemExit(f"label_ai_preferences.py: error: all {len(counts['failed_items'])} "
+                         f"pairs failed, nothing was labelled (last error: "
+                         f"{counts['failed_items'][-1]['last_error'][:200]}); check the judge "
+                         f"URL, --judge-model, --template and --verdict. {out / 'summary.json'} "
+                         "lists the failures; rerun with --retry-failed once fixed")
     print(f"wrote {out / 'annotations.json'} and {out / 'summary.json'}")
     return summary
+
+
+def finite_or_null(obj):
+    """`obj` with NaN / inf floats as null (JSON has no NaN; a rate over no pairs is null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

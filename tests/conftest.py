@@ -19,7 +19,7 @@ CONFIG_DIR = str(REPO_ROOT / "config")
 TINY = str(REPO_ROOT / "assets" / "tiny_model")
 # settings that make a tiny-model run quick: no wandb, small evaluations, no sampling
 FAST = ["wandb.enabled=false", "n_eval_examples=32", "eval_batch_size=32", "batch_size=16",
-        "sample_during_eval=false", "eval_every=1000000"]
+        "sample_during_eval=false", "eval_every=1000000", "gold_eval_prompts=0", "n_epochs=1"]
 
 
 def compose_config(*overrides):

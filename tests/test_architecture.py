@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOP = ("train.py", "trainers.py", "losses.py", "preference_datasets.py")
 # lowest first: a module may import its own subsystem and the layers below, never above
 LAYERS = [
+    ("harness.run_dir",),
     ("losses", "harness.registry", "harness.checkpoints"),
     ("harness.data",),
     ("preference_datasets",),

@@ -1,5 +1,6 @@
 """train.py as users run it: the default command, and exact resume after SIGKILL."""
 
+import json
 import os
 import signal
 import subprocess
@@ -22,23 +23,42 @@ def run_dirs(base: Path, exp_name: str):
 
 
 def test_default_run(tmp_path):
-    """`python train.py` (bounded to 256 examples): run dir with checkpoint, metrics, PNG, wandb."""
+    """`python train.py` (bounded to 256 examples and 32 report prompts): run dir with
+    checkpoint, metrics, PNG, wandb, and the gold reward of the base vs the trained model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc: wandb must fall back to offline by itself
-    out = subprocess.run([*TRAIN, f"local_dirs=[{tmp_path}]", "n_examples=256"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([*TRAIN, f"local_dirs=[{tmp_path}]", "n_examples=256",
+                          "gold_eval_prompts=32"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path, "toy_sft")
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "LATEST/policy.pt",
-                 "LATEST/optimizer.pt", "LATEST/scheduler.pt"):
+                 "LATEST/optimizer.pt", "LATEST/scheduler.pt", "final_eval.json"):
         assert (run_dir / name).exists(), name
     assert any(run_dir.glob("wandb/offline-run-*"))
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "loss/eval" in rows[0] and rows[-1]["step"] == 256
+    report = json.loads((run_dir / "final_eval.json").read_text())
+    assert report["n_prompts"] == 32 and report["start"] == "assets/tiny_model"
+    assert "gold reward (toy, 32 held-out prompts, mean +- 95% interval): start" in out.stdout
+    assert "win rate of the trained policy over its start" in out.stdout
+
+
+def test_the_default_run_aligns_beyond_the_intervals(tmp_path):
+    """`python train.py` exactly as the README's first command: the trained model's gold reward
+    beats the base model's beyond both 95% intervals (final_eval.json, curves.png)."""
+    out = subprocess.run([*TRAIN, f"local_dirs=[{tmp_path}]", "wandb.enabled=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path, "toy_sft")
+    report = json.loads((run_dir / "final_eval.json").read_text())
+    assert report["n_prompts"] == 200 and report["beyond_intervals"], report
+    assert "(+" in out.stdout and "beyond the 95% intervals)" in out.stdout
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     common = [f"local_dirs=[{tmp_path}]", "wandb.enabled=false", "n_examples=1024",
+              "gold_eval_prompts=0",
               "batch_size=8", "save_every=64", "eval_every=256", "n_eval_examples=16",
               "n_eval_model_samples=2", "minimum_log_interval_secs=0"]
     subprocess.run([*TRAIN, *common, "exp_name=full"], check=True, capture_output=True, timeout=600)

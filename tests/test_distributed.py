@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["wandb.enabled=false", "data_fraction=0.02", "n_examples=16", "batch_size=8",
           "gradient_accumulation_steps=2", "n_eval_examples=9", "eval_batch_size=8",
           "eval_every=8", "save_every=8", "n_eval_model_samples=2", "sample_max_new_tokens=4",
-          "max_length=64", "max_prompt_length=32", "lr=1e-3", "seed=1"]
+          "max_length=64", "max_prompt_length=32", "lr=1e-3", "seed=1", "gold_eval_prompts=0"]
 DPO = ["loss=dpo", "loss.beta=0.1"]
 COMPARED = ("loss/train", "loss/eval", "grad_norm", "rewards_train/margins",
             "rewards_eval/accuracies", "logps_eval/chosen")

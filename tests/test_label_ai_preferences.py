@@ -97,10 +97,17 @@ def test_faults_are_retried_and_permanent_failures_listed(tmp_path):
 def test_failed_units_stay_failed_until_retried(tmp_path):
     samples = write_samples(tmp_path / "s.jsonl", 3)
     with running_server({"judge": toy_judge()}, faults=["429", "500", "close", "garbage"]) as (_, url):
-        first = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
+        summary = tmp_path / "out" / "summary.json"
+        # every pair failed: exit non-zero, no all-null annotations.json, and no NaN in the JSON
+        with pytest.raises(SystemExit, match="all 3 pairs failed, nothing was labelled"):
+            label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
+        first = json.loads(summary.read_text())  # strict JSON: a NaN would not parse back as None
         assert first["this_run"]["failed"] == 6 and first["win_rate_output_2"]["failed"] == 3
-        again = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
-        assert again["this_run"] == {"done": 0, "failed": 0, "retries": 0}
+        assert first["win_rate_output_2"]["win_rate"] is None and "NaN" not in summary.read_text()
+        assert not (tmp_path / "out" / "annotations.json").exists()
+        with pytest.raises(SystemExit, match="all 3 pairs failed"):
+            label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3"))
+        assert json.loads(summary.read_text())["this_run"] == {"done": 0, "failed": 0, "retries": 0}
         retried = label([samples], tmp_path / "out", *llm_args(url, "--max-attempts", "3",
                                                                 "--retry-failed"))
     assert retried["this_run"]["done"] == 6 and retried["win_rate_output_2"]["n"] == 3
@@ -176,7 +183,9 @@ def test_api_key_comes_from_the_environment_and_is_never_written(tmp_path, monke
         monkeypatch.setenv("MY_JUDGE_KEY", secret)
         ok = label([samples], tmp_path / "ok", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
         monkeypatch.setenv("MY_JUDGE_KEY", "sk-wrong")
-        bad = label([samples], tmp_path / "bad", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+        with pytest.raises(SystemExit, match="HTTP 401"):  # every request failed
+            label([samples], tmp_path / "bad", *llm_args(url, "--api-key-env", "MY_JUDGE_KEY"))
+        bad = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert ok["win_rate_output_2"]["n"] == 3
     # 401 is not retried: another attempt cannot fix a wrong key
     assert bad["this_run"] == {"done": 0, "failed": 6, "retries": 0}

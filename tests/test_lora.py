@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 COMMON = ["wandb.enabled=false", "data_fraction=0.02", "n_examples=16", "batch_size=8",
           "n_eval_examples=8", "eval_every=16", "save_every=8", "sample_during_eval=false",
           "max_length=64", "max_prompt_length=32", "lr=1e-2", "model.lora.r=4",
-          "model.lora.alpha=8", "model.lora.dropout=0.1", "loss=dpo", "loss.beta=0.1"]
+          "model.lora.alpha=8", "model.lora.dropout=0.1", "loss=dpo", "loss.beta=0.1",
+          "gold_eval_prompts=0"]
 
 
 def test_lora_resume_matches_uninterrupted_run(tmp_path, train_run):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["trainer=FSDPTrainer", "wandb.enabled=false", "n_examples=320", "batch_size=8",
           "eval_every=160", "save_every=32", "n_eval_examples=16", "eval_batch_size=16",
           "sample_during_eval=false", "max_length=64", "max_prompt_length=32", "lr=1e-3",
-          "seed=2"]
+          "seed=2", "gold_eval_prompts=0"]
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["loss=ppo", "batch_size=16", "loss.mini_batch_size=8", "loss.ppo_epochs=2",
           "loss.max_new_tokens=16", "n_eval_examples=9", "eval_batch_size=8",
           "n_eval_model_samples=8", "loss.gold_reward=toy", "lr=1e-3", "warmup_steps=0",
-          "n_examples=32", "save_every=16", "wandb.enabled=false"]
+          "n_examples=32", "save_every=16", "wandb.enabled=false", "gold_eval_prompts=0"]
 LORA = ["model.lora.r=4", "model.lora.alpha=8", "lr=1e-2"]
 
 

@@ -1,12 +1,14 @@
 """Model and tokenizer loading, and per-sequence log-probs without full [tokens, vocab] logits."""
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.checkpoints import resolve_checkpoint, resolve_path
+from harness.data.validate import offline_unless_reachable
 
 
 def _looks_local(path: str) -> bool:
@@ -24,10 +26,29 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> st
     return path
 
 
-def load_tokenizer(name_or_path: str):
+@contextmanager
+def hub_errors(path: str, key: str = "model.name_or_path"):
+    """Around a from_pretrained of `path`: a hub id that cannot be fetched fails in one line that
+    names the key and the offline route (when the hub is unreachable, only the local cache is
+    tried, so this takes seconds, not minutes of retries)."""
+    if os.path.exists(path):
+        yield
+        return
+    offline_unless_reachable()
+    try:
+        yield
+    except OSError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"{key}={path!r}: could not load it from the Hugging Face hub ({reason})."
+                         f" Offline: download it where the hub is reachable (huggingface-cli "
+                         f"download {path} --local-dir DIR) and set {key}=DIR") from None
+
+
+def load_tokenizer(name_or_path: str, key: str = "model.tokenizer_name_or_path"):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(check_model_source(name_or_path,
-                                                                 "model.tokenizer_name_or_path"))
+    path = check_model_source(name_or_path, key)
+    with hub_errors(path, key):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # reference behaviour: pad with EOS when no pad exists
         tokenizer.pad_token_id = tokenizer.eos_token_id
     return tokenizer
@@ -41,22 +62,53 @@ def load_model(name_or_path: str, dtype: str, archive: str | None = None, device
     from transformers import AutoConfig, AutoModelForCausalLM
     path = check_model_source(name_or_path)
     if meta:
-        with torch.device("meta"):
+        with hub_errors(path), torch.device("meta"):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
                                                     dtype=getattr(torch, dtype))
     extra = {"device_map": device_map} if device_map is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 low_cpu_mem_usage=True, **extra)
+    with hub_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     low_cpu_mem_usage=True, **extra)
     if archive:
         load_archive(model, archive)
     return model
 
 
-def load_archive(model, archive: str) -> int:
-    """Load `state` of a reference-format policy.pt into `model`; returns its step_idx."""
+def read_archive(archive: str, mmap: bool = False) -> dict:
+    """A reference-format policy.pt ({"state": ...}); a missing, truncated or foreign file is a
+    clear error naming it, never a pickle traceback."""
     if not os.path.exists(archive):
         raise FileNotFoundError(f"model.archive={archive!r} does not exist")
-    ckpt = torch.load(archive, map_location="cpu", weights_only=True)
+    if os.path.isdir(archive):
+        raise IsADirectoryError(f"model.archive={archive!r} is a directory: give its policy.pt, "
+                                "or pass the directory to train.py, which finds LATEST/policy.pt")
+    try:
+        ckpt = torch.load(archive, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 (zip, pickle and unpickling errors all mean the same)
+        reason = "not a torch.save zip file" if "_use_new_zipfile_serialization" in str(err) \
+            else " ".join(str(err).split())[:160]
+        raise ValueError(f"model.archive={archive!r} is not a readable policy.pt (truncated, or "
+                         f"not a torch checkpoint: {reason})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state"), dict):
+        raise ValueError(f"model.archive={archive!r} is not a policy.pt: it has no 'state' dict "
+                         "(train.py writes {step_idx, state, metrics})")
+    return ckpt
+
+
+def check_archive(archive: str):
+    """Fail before any model loads on an archive that cannot be read (mmap: no weights read)."""
+    read_archive(archive, mmap=True)
+
+
+def load_archive(model, archive: str) -> int:
+    """Load `state` of a reference-format policy.pt into `model`; returns its step_idx. Weights
+    that are not finite (a diverged run's) are refused."""
+    ckpt = read_archive(archive)
+    bad = [k for k, v in ckpt["state"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"model.archive={archive!r} holds NaN or inf weights ({len(bad)} tensors, "
+                         f"e.g. {bad[0]}): it comes from a diverged run; use an earlier checkpoint")
     missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()

@@ -25,7 +25,8 @@ import losses
 from harness.checkpoints import REWARD_META, REWARD_MODEL_DIR, reward_checkpoint_dir
 from harness.data.gold import GOLD_REWARDS, register_gold_reward
 from harness.data.tokens import pad_with_mask
-from harness.models.modeling import check_model_source, last_token_index, load_tokenizer, position_ids
+from harness.models.modeling import (check_model_source, last_token_index, load_tokenizer,
+                                     position_ids, read_archive)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -102,7 +103,7 @@ def build_reward_model(name_or_path: str, dtype: str, n_bins: int = 0, archive: 
     if device_map is not None:
         model.score.to(list(backbone.parameters())[-1].device)
     if archive:
-        state = torch.load(archive, map_location="cpu", weights_only=True)["state"]
+        state = read_archive(archive)["state"]
         if any(k.startswith("score.") for k in state):
             model.load_state_dict(state)
         else:

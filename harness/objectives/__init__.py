@@ -60,6 +60,8 @@ class LossSpec:
     # the rollout loop's per-method part (harness/rl: PPO, GRPO, RLOO, online DPO), built by
     # the loop as rollout(loop, policy, reference); with loop = harness.rl.loop.RolloutLoop
     rollout: Callable | None = None
+    # meant to start from an SFT model (model.archive): without one, a notice says so
+    from_sft: bool = False
 
 
 @dataclass
@@ -139,6 +141,17 @@ def load_policy(cfg, archive, device_map=None, meta: bool = False):
         return spec.load_policy(cfg, archive, device_map, meta)
     from harness.models.modeling import load_model
     return load_model(cfg.model.name_or_path, cfg.model.policy_dtype, archive, device_map, meta)
+
+
+def base_model_notice(cfg):
+    """One line when a loss meant to start from an SFT model runs without model.archive (DPO
+    would otherwise train the base model against itself without a word)."""
+    spec = get_loss_spec(cfg.loss.name)
+    if spec.from_sft and not cfg.model.archive:
+        who = "the policy and the reference are" if needs_reference(cfg.loss) else "the policy is"
+        print(f"notice: loss={cfg.loss.name} without model.archive: {who} the base model "
+              f"{cfg.model.name_or_path} (these losses usually start from an SFT checkpoint: "
+              "model.archive=SFT_RUN_DIR)")
 
 
 def needs_reference(loss_cfg) -> bool:

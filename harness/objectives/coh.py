@@ -377,5 +377,5 @@ def coh_step(ctx: StepContext, batch, split: str):
 register_loss("coh", LossSpec(
     paired=False, step=coh_step, options=CohOptions, data=coh_data,
     batch_stats=lambda ctx, part, n: trained_tokens(part, n),
-    check=lambda cfg, world_size: coh_settings(cfg),
+    check=lambda cfg, world_size: coh_settings(cfg), from_sft=True,
     prompt_suffix=lambda cfg: coh_settings(cfg).inference_phrase))

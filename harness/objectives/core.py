@@ -17,9 +17,17 @@ def positive_beta(loss: str, beta) -> None:
                          "(it scales the log-ratios; e.g. loss.beta=0.1)")
 
 
+def check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"loss.{key}={value!r} must be true or false")
+
+
 @dataclass(frozen=True)
 class SFTOptions:
     token_mean: bool = False  # weight every target token equally (else every sequence)
+
+    def __post_init__(self):
+        check_bool("token_mean", self.token_mean)
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,10 @@ class DPOOptions:
 
     def __post_init__(self):
         positive_beta("dpo", self.beta)
-        if not 0 <= self.label_smoothing < 0.5:
+        check_bool("reference_free", self.reference_free)
+        if isinstance(self.label_smoothing, bool) or \
+                not isinstance(self.label_smoothing, (int, float)) or \
+                not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 0.5): "
                              "it is the probability that a label is flipped, and from 0.5 on "
                              "the loss trains toward the rejected answers")
@@ -43,6 +54,7 @@ class IPOOptions:
 
     def __post_init__(self):
         positive_beta("ipo", self.beta)
+        check_bool("reference_free", self.reference_free)
 
 
 def trained_tokens(part, n: int, side: str = "chosen") -> dict:
@@ -86,6 +98,6 @@ def preference_step(loss_fn):
 register_loss("sft", LossSpec(paired=False, step=sft_step, options=SFTOptions,
                               batch_stats=sft_batch_stats))
 register_loss("dpo", LossSpec(paired=True, step=preference_step(losses.dpo_loss),
-                              options=DPOOptions, uses_reference=True))
+                              options=DPOOptions, uses_reference=True, from_sft=True))
 register_loss("ipo", LossSpec(paired=True, step=preference_step(losses.ipo_loss),
-                              options=IPOOptions, uses_reference=True))
+                              options=IPOOptions, uses_reference=True, from_sft=True))

@@ -11,6 +11,7 @@ tokenizer), so it loads back with harness.models.reward_model.load_reward_model.
 """
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,8 @@ class RewardOptions:
     rating_range: tuple = (-1.0, 1.0)
 
     def __post_init__(self):
-        if self.n_bins < 0 or self.n_bins == 1:
+        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or \
+                self.n_bins < 0 or self.n_bins == 1:
             raise ValueError(f"loss.n_bins={self.n_bins}: use 0 (scalar head) or K >= 2 (binned)")
         if self.n_bins and not self.rating_source:
             raise ValueError("loss.n_bins > 0 needs absolute scores: set loss.rating_source to a "
@@ -43,6 +45,11 @@ class RewardOptions:
             check_scorer("loss.rating_source", self.rating_source)
         if len(self.rating_range) != 2 or self.rating_range[0] >= self.rating_range[1]:
             raise ValueError(f"loss.rating_range={list(self.rating_range)}: use [low, high]")
+        for key in ("margin", "center_coef"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 <= value < math.inf:
+                raise ValueError(f"loss.{key}={value!r} must be a finite number >= 0")
 
 
 def to_ratings(scores: list[float], n_bins: int, low: float, high: float) -> torch.Tensor:

@@ -80,7 +80,37 @@ def free_port() -> int:
 def _spawned_entry(local_rank: int, fn, nprocs: int, port: int, args):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    exit_with_parent()
     fn(*args)
+
+
+def exit_with_parent(poll_secs: float = 1.0):
+    """End this worker when the process that started it (torchrun's agent, or the plain
+    `python train.py` that spawned the ranks) is gone, even after a SIGKILL, so a killed launch
+    never leaves ranks training into a run dir that a resume then races."""
+    import signal
+    import threading
+    import time
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_secs)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def quiet_unless_main(debug: bool = False):
+    """Ranks other than 0 print nothing to stdout and log only errors: a run prints its lines
+    once (errors still reach stderr from every rank). debug=true keeps every rank's output."""
+    if is_main() or debug:
+        return
+    import logging
+    import sys
+    sys.stdout = open(os.devnull, "w")
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("harness.data").setLevel(logging.ERROR)
 
 
 def spawn(fn, nprocs: int, port: int | None, *args):
@@ -105,6 +135,7 @@ def init(cfg) -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if under_torchrun():
+        exit_with_parent()  # SIGKILL of the torchrun agent takes its workers down
         dist.init_process_group(backend)
     else:  # a distributed trainer in one process (no torchrun, one device): a group of one,
         # set up without touching os.environ, which child processes would inherit

@@ -27,6 +27,7 @@ class TrainState:
     next_eval: int = 0          # example count at which the next evaluation is due
     last_save: int = -1         # example count of the newest checkpoint
     last_eval: int = -1         # example count of the newest evaluation
+    first_loss: float | None = None  # the run's first training loss (health.max_loss_ratio)
 
 
 class CheckpointWriter:
@@ -36,11 +37,13 @@ class CheckpointWriter:
         self.run_dir, self.cfg, self.dist, self.tokenizer = run_dir, cfg, dist, tokenizer
 
     def save(self, state: TrainState, policy, trained, optimizer, scheduler,
-             name: str | None = None, files: dict | None = None, extras=None):
+             name: str | None = None, files: dict | None = None, extras=None,
+             latest: bool = True):
         """Checkpoint `name` (default step-N): policy.pt (LoRA adapters merged), optimizer.pt,
         scheduler.pt, trainer_state.pt; sharded/ (sharded runs), adapter/ (LoRA), hf/
         (export_hf=true); `files` {filename: state dict gathered by the caller} (PPO's
-        critic.pt) and `extras(ckpt_dir)`, the loss's own files, inside the same atomic dir."""
+        critic.pt) and `extras(ckpt_dir)`, the loss's own files, inside the same atomic dir.
+        latest=False keeps LATEST where it is (weights kept for inspection, e.g. diverged-N)."""
         if self.cfg.debug:
             return
         name = name or f"step-{state.examples}"
@@ -54,7 +57,7 @@ class CheckpointWriter:
                 optimizer_state, scheduler.state_dict(),
                 {"train_state": asdict(state), "rng": checkpoints.rng_state()},
                 lambda ckpt_dir: self._write_extras(name, ckpt_dir, state, policy, full, merged,
-                                                    files or {}, extras))
+                                                    files or {}, extras), latest=latest)
             checkpoints.prune_checkpoints(self.run_dir, self.cfg.keep_last)
             print(f"saved {path}")
         distributed.barrier()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from harness.checkpoints import atomic_write_text
 
+FINAL_EVAL = "final_eval.json"  # harness/evaluation/run_report.py: the gold reward at the end
+
 
 def wandb_credentials_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -119,6 +121,8 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_metrics(metrics_path, out_path) -> Path | None:
+    """curves.png: every loss / reward / KL metric against examples seen, and the gold reward of
+    the start and the trained model when the run was evaluated at its end (final_eval.json)."""
     rows = read_metrics(metrics_path)
     if not rows:
         return None
@@ -134,10 +138,13 @@ def plot_metrics(metrics_path, out_path) -> Path | None:
                 by_stat = family in ("rewards", "kl")
                 groups.setdefault(f"{family}: {key.rsplit('/', 1)[1]}" if by_stat else family, {}) \
                     .setdefault(key, []).append((row["step"], value))
-    cols = min(4, len(groups))  # wrap into rows of at most 4 panels
-    rows_n = -(-len(groups) // cols)
+    final = Path(metrics_path).parent / FINAL_EVAL
+    final = json.loads(final.read_text()) if final.exists() else None
+    panels = len(groups) + (final is not None)
+    cols = min(4, panels)  # wrap into rows of at most 4 panels
+    rows_n = -(-panels // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[panels:]:
         ax.set_visible(False)
     for ax, (title, series) in zip(axes.flat, sorted(groups.items())):
         for key, points in sorted(series.items()):
@@ -147,9 +154,23 @@ def plot_metrics(metrics_path, out_path) -> Path | None:
         ax.set_xlabel("examples seen")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    if final is not None:
+        _gold_panel(axes.flat[len(groups)], final)
     fig.tight_layout()
     tmp = Path(f"{out_path}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out_path)
     return Path(out_path)
+
+
+def _gold_panel(ax, final: dict):
+    """Gold reward of the start and the trained model, with 95% intervals and the win rate."""
+    means = [final["start_gold_reward"], final["trained_gold_reward"]]
+    errors = [final["start_gold_reward_ci95"], final["trained_gold_reward_ci95"]]
+    ax.bar(["start", "trained"], means, yerr=errors, capsize=6, color=["tab:gray", "tab:green"])
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_title(f"gold reward ({final['gold_reward_name']}, n={final['n_prompts']}, 95% CI)")
+    ax.set_xlabel(f"win rate of trained over start: {final['win_rate']:.2f} "
+                  f"+- {final['win_rate_ci95']:.2f}")
+    ax.grid(alpha=0.3, axis="y")

@@ -6,6 +6,8 @@ last_save), .evaluate(), .save() and .logger."""
 
 import math
 
+from harness.run_dir import fault_point
+
 
 def total_examples(cfg, per_epoch: int) -> float:
     """Examples to train on: n_epochs epochs of `per_epoch`, capped at n_examples."""
@@ -57,3 +59,19 @@ def finish(trainer):
     if st.last_save != st.examples:
         trainer.save()
     trainer.logger.close()
+    fault_point("run:finished")  # tests: a kill after the last save (a resume then re-saves)
+
+
+def rows_to_visit(batches, state, total: float) -> list[int]:
+    """Indices into batches.examples of the examples a loop at `state` will train on before it
+    stops at `total` examples (whole batches, epoch orders as the loop draws them): what the
+    reference pre-pass has to score, so a short run does not score the whole data set."""
+    rows, seen, epoch, offset = [], state.examples, state.epoch, state.epoch_offset
+    per_epoch, size = batches.examples_per_epoch, batches.batch_size
+    while seen < total and len(set(rows)) < len(batches.examples):
+        left = total - seen
+        take = per_epoch - offset if left == math.inf else \
+            min(per_epoch - offset, math.ceil(left / size) * size)
+        rows.extend(batches.epoch_order(epoch)[offset: offset + take].tolist())
+        seen, epoch, offset = seen + take, epoch + 1, 0
+    return rows

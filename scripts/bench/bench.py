@@ -188,8 +188,8 @@ def run_ours_epoch(spec: dict) -> dict:
     mem = Memory(device)
     prepass = []
     prepare = BasicTrainer.prepare_reference
-    BasicTrainer.prepare_reference = lambda self: prepass.append(
-        timed(lambda: prepare(self), device))
+    BasicTrainer.prepare_reference = lambda self, *args: prepass.append(
+        timed(lambda: prepare(self, *args), device))
     wall_s = timed(lambda: train.run(cfg), device)
     return dict(wall_s=wall_s, prepass_s=sum(prepass), mem=mem,
                 versions={"torch": torch.__version__})

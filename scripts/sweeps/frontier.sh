@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reward-vs-KL frontier on the bundled toy task (the DPO paper's Figure 2, laptop-sized).
 #
-#   bash scripts/sweeps/frontier.sh            # full mode (~25 min on 2 CPU cores) -> docs/
-#   bash scripts/sweeps/frontier.sh --quick    # CI mode (a few minutes): one beta per method
+#   bash scripts/sweeps/frontier.sh            # full mode -> docs/ (README: measured time)
+#   bash scripts/sweeps/frontier.sh --quick    # CI mode, a fraction of the size (minutes)
 #   bash scripts/sweeps/frontier.sh --out DIR  # sweep and report into DIR (docs/ stays untouched)
 #
 # 1. SFT of the tiny base model on the toy SFT targets: the reference of every other method.
@@ -30,15 +30,16 @@ while [ $# -gt 0 ]; do
 done
 
 # ---- settings per mode --------------------------------------------------------------------
-# SFT needs 20 epochs on the 2000 toy targets (lr 1e-3) before it samples clearly better than
-# the base model and gives the preference methods a reference they improve on by a wide margin
-# (from an 8-epoch SFT, DPO gains only ~0.05 gold reward). The preference methods then train 2
-# epochs on the 2000 toy pairs. Quick mode is the full mode's SFT plus one beta per method,
-# so its points are points of the full frontier.
+# SFT needs 20 epochs on the 2000 toy targets (lr 1e-3, the tiny preset's defaults) before it
+# samples clearly better than the base model and gives the preference methods a reference they
+# improve on by a wide margin (from an 8-epoch SFT, DPO gains only ~0.05 gold reward). The
+# preference methods then train 2 epochs on the 2000 toy pairs. Quick mode is the same pipeline
+# at a fraction of the size (SFT 5 epochs, one beta per method, 1-2 epochs each, 100 eval
+# prompts): minutes, for CI; its points are not points of the full frontier.
 SFT_ARGS="n_epochs=20"
 PREF_ARGS="n_epochs=2"
 COH_EPOCHS="n_epochs=10"
-COH_ARGS="$COH_EPOCHS loss.feedback_set=helpful loss.chain_weights.negative_positive=0"
+RM_ARGS=""
 EVAL_ARGS="--n-prompts 200"
 if [ "$MODE" = full ]; then
   OUT=${OUT:-.cache/frontier}
@@ -53,17 +54,23 @@ if [ "$MODE" = full ]; then
   ODPO_ARGS="loss.beta=0.1,0.3"
 else
   OUT=${OUT:-.cache/frontier_quick}
+  SFT_ARGS="n_epochs=5"
+  PREF_ARGS="n_epochs=1"
+  COH_EPOCHS="n_epochs=2"
+  RM_ARGS="n_epochs=2"
+  EVAL_ARGS="--n-prompts 100"
   BETAS_DPO="0.3"
   BETAS_IPO="0.1"
-  PPO_ARGS="loss.kl_coef=0.05 n_examples=1280"  # a third of the preset's prompts: CI time
-  # the newer methods at one setting and about a quarter of their full cost each
-  KTO_ARGS="loss.beta=0.1 n_epochs=1 data_fraction=0.5"
-  SIMPO_ARGS="loss.beta=2.0 loss.gamma=0.5 n_epochs=1 data_fraction=0.5"
-  ORPO_ARGS="loss.beta=0.1 n_epochs=1 data_fraction=0.5"
+  PPO_ARGS="loss.kl_coef=0.05 n_examples=640"
+  # the newer methods at one setting and a fraction of their full cost each
+  KTO_ARGS="loss.beta=0.1 $PREF_ARGS data_fraction=0.5"
+  SIMPO_ARGS="loss.beta=2.0 loss.gamma=0.5 $PREF_ARGS data_fraction=0.5"
+  ORPO_ARGS="loss.beta=0.1 $PREF_ARGS data_fraction=0.5"
   GRPO_ARGS="loss.beta=0.04 n_examples=320"
   RLOO_ARGS="loss.beta=0.05 n_examples=320"
   ODPO_ARGS="loss.beta=0.1 n_examples=640"
 fi
+COH_ARGS="$COH_EPOCHS loss.feedback_set=helpful loss.chain_weights.negative_positive=0"
 
 # ---- the methods: one row each, "name|train.py overrides (a Hydra multirun grid)" ----------
 # Every row trains from the SFT checkpoint (model.archive) and is evaluated against it. The
@@ -94,7 +101,7 @@ METHODS=(
   "online_dpo|+preset=online_dpo_toy loss.scorer=reward_model:$RM $ODPO_ARGS"
 )
 
-COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1"
+COMMON="wandb.enabled=false sample_during_eval=false eval_every=1000000 keep_last=1 gold_eval_prompts=0"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "frontier ($MODE) -> $OUT"
@@ -112,7 +119,8 @@ SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
 # the reward model for PPO (10 epochs from SFT); its folder holds no evaluated policy, so the
 # report skips it
 rm -rf "$OUT/reward_model" && mkdir -p "$OUT/reward_model"
-train "$OUT/reward_model" +preset=reward_toy exp_name=reward "model.archive=$SFT" \
+# shellcheck disable=SC2086
+train "$OUT/reward_model" +preset=reward_toy exp_name=reward "model.archive=$SFT" $RM_ARGS \
   "local_run_dir=$(cd "$OUT/reward_model" && pwd)/reward"
 
 for row in "${METHODS[@]}"; do
