@@ -19,7 +19,6 @@ them). The API key is read from the environment variable named by --api-key-env,
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.data.packing import pack
 from harness.data.tokens import pad, pad_with_mask
@@ -37,7 +37,7 @@ from harness.rl.grpo import GroupRL
 from harness.rl.online_dpo import OnlineDPO
 from harness.rl.rollout import build_batch, policy_logprobs
 from harness.training import reference_cache
-from preference_datasets import load_examples, make_example, tokenize_example
+from preference_datasets import make_example, tokenize_example
 from train import check_config
 from trainers import BasicTrainer
 

@@ -22,7 +22,7 @@ parallelism leave the loss unchanged (TRL estimates it per device micro-batch in
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def record_examples(prompt: str, record: dict) -> list[KTOExample]:
                     for i, desirable in zip(pair, (True, False))]
     else:
         labelled = [(record["sft_target"], True)] if record["sft_target"] is not None else []
-    return [KTOExample(prompt, text, None, mode, "", desirable) for text, desirable in labelled]
+    return [KTOExample(prompt, text, None, mode, "", desirable=desirable) for text, desirable in labelled]
 
 
 def pair_with_foreign_completions(examples: list, seed: int) -> list[KTOExample]:
@@ -85,8 +85,7 @@ def pair_with_foreign_completions(examples: list, seed: int) -> list[KTOExample]
             step += 1
         foreign = examples[order[(pos + step) % n]].chosen
         key = json.dumps([ex.prompt, ex.chosen, foreign, ex.desirable]).encode("utf-8")
-        out[i] = KTOExample(ex.prompt, ex.chosen, foreign, ex.truncation_mode,
-                            hashlib.sha256(key).hexdigest()[:16], ex.desirable)
+        out[i] = replace(ex, rejected=foreign, uid=hashlib.sha256(key).hexdigest()[:16])
     return out
 
 
