@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from harness.data.sources import DATASETS, Records
-from harness.data.tokens import (check_truncation_mode, pad, pad_id, pad_with_mask, token_ids,
-                                 truncate)
+from harness.data.chat import encode_prompt, encode_response
+from harness.data.tokens import check_truncation_mode, pad, pad_id, pad_with_mask
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
 def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     """Token ids and labels for one example (the reference `tokenize_batch_element`).
 
-    EOS is appended to each response. If prompt + longer response exceeds max_length the prompt
+    Prompt and responses are rendered by harness/data/chat.py (the tokenizer's chat template,
+    else the reference text as it is); each response ends with one EOS / end-of-turn token. If prompt + longer response exceeds max_length the prompt
     is cut to max_prompt_length (first tokens for keep_start, last for keep_end); if still too
     long, responses are cut to max_length - max_prompt_length. Labels are -100 on the prompt."""
     if not 0 < max_prompt_length < max_length:
@@ -154,14 +155,13 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length:
     check_truncation_mode(ex.truncation_mode, f"example {ex.uid}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
-    eos = tokenizer.eos_token_id
-    prompt = token_ids(tokenizer, ex.prompt, "prompt", ex.uid)
-    responses = {"chosen": token_ids(tokenizer, ex.chosen, "chosen", ex.uid) + [eos]}
+    prompt = encode_prompt(tokenizer, ex.prompt, ex.uid)
+    responses = {"chosen": encode_response(tokenizer, ex.chosen, ex.uid, "chosen")}
     if ex.rejected is not None:
-        responses["rejected"] = token_ids(tokenizer, ex.rejected, "rejected", ex.uid) + [eos]
+        responses["rejected"] = encode_response(tokenizer, ex.rejected, ex.uid, "rejected")
     longest = max(len(ids) for ids in responses.values())
     if len(prompt) + longest > max_length:
-        prompt = truncate(prompt, ex.truncation_mode, max_prompt_length)
+        prompt = encode_prompt(tokenizer, ex.prompt, ex.uid, ex.truncation_mode, max_prompt_length)
     if len(prompt) + longest > max_length:
         responses = {k: ids[: max_length - max_prompt_length] for k, ids in responses.items()}
     out = {"prompt_input_ids": prompt, "prompt_length": len(prompt)}

@@ -35,6 +35,7 @@ def check_config(cfg: DictConfig, world_size: int = 1, overrides=()):
     """Every check that needs no model, so bad input fails in a second, not after loading 70B.
     world_size: the number of ranks the run will have; overrides: the command-line overrides
     (an option given there that this run would not read is refused)."""
+    from harness.data.chat import check_option as check_chat_option
     from harness.data.sources import DATASETS
     from harness.objectives import get_loss_spec, loss_options
     from harness.training.options import check_options_read
@@ -74,6 +75,7 @@ def check_config(cfg: DictConfig, world_size: int = 1, overrides=()):
         raise ValueError(f"data_fraction={cfg.data_fraction} must be in (0, 1]")
     if cfg.amp_dtype not in (None, "bfloat16", "float16"):
         raise ValueError(f"amp_dtype={cfg.amp_dtype!r}: use bfloat16, float16 or null")
+    check_chat_option(cfg.get("chat_template", "auto"))
     if cfg.max_prompt_length >= cfg.max_length:
         raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below "
                          f"max_length={cfg.max_length}")
@@ -131,6 +133,8 @@ def run(cfg: DictConfig, overrides: list[str] = ()) -> str:
     if cfg.resume:
         cfg = resumed_config(cfg, overrides)
     check_config(cfg, distributed.planned_world_size(cfg), overrides)
+    if cfg.get("chat_template", "auto") not in ("auto", "none"):  # a file, named wherever run
+        cfg.chat_template = os.path.abspath(os.path.expanduser(cfg.chat_template))
     from harness.models.modeling import check_model_source
     check_model_source(cfg.model.name_or_path)
     created = distributed.init(cfg)
@@ -162,7 +166,8 @@ def _run(cfg: DictConfig) -> str:
         print(f"run dir: {run_dir}")
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
+                               cfg.get("chat_template", "auto"))
     # a resumed run restores its own weights, except a LoRA run's base: its checkpoints hold
     # the adapters (sharded/ has everything, but only distributed trainers read it)
     archive = cfg.model.archive if not resume or lora.enabled(cfg.model) else None

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.data.dialogue import human_prompt, messages_prompt
+from harness.data.chat import render_messages
+from harness.data.dialogue import human_prompt
 
 MAX_N, MAX_TOP_LOGPROBS, MAX_STOP = 16, 20, 4
 UNSUPPORTED = {"stream": False, "best_of": 1, "presence_penalty": 0,
@@ -141,9 +142,9 @@ class ModelBackend:
         self.context = min(x for x in limits if x) if any(limits) else 2048
 
     def chat_prompt(self, messages):
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return messages_prompt(messages)
+        """The text the model continues, rendered as in training (harness/data/chat.py): the
+        chat template the checkpoint was trained with, else the dialogue format."""
+        return render_messages(self.tok, messages)
 
     def check_length(self, prompts, params: Params):
         for i, p in enumerate(prompts):
@@ -156,14 +157,16 @@ class ModelBackend:
     def generate(self, prompts: list[str], params: Params) -> list[dict]:
         from harness.models.generation import SamplingConfig, encode_completions, sample
         if params.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
-            samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False)
+            samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False,
+                                         render=False)
         else:
             cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                  top_p=params.top_p if params.top_p > 0 else 1e-6,
                                  batch_size=len(prompts), seed=params.seed if params.seed is not
                                  None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
                                  **self.sampling)
-            samples = sample(self.model, self.tok, prompts, cfg, progress=False)
+            # requests are final text: chat ones rendered by chat_prompt, completions raw
+            samples = sample(self.model, self.tok, prompts, cfg, progress=False, render=False)
         outs = []
         for s in samples:
             text, stopped = _cut_at_stop(s.completion, params.stop)

@@ -36,7 +36,8 @@ import losses
 from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
 from harness.objectives import LossSpec, StepContext, register_loss
 from harness.data.pretraining_mix import PretrainStream, looks_like_path, read_documents
-from harness.data.tokens import check_truncation_mode, token_ids, truncate
+from harness.data.chat import encode_block, encode_prompt
+from harness.data.tokens import check_truncation_mode
 from preference_datasets import ExampleFormat
 
 # which answer goes under which phrase of a (positive, negative) wording pair, in chain order
@@ -290,24 +291,25 @@ def tokenize_chain(chain: Chain, tokenizer, max_length: int, max_prompt_length: 
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     check_truncation_mode(chain.truncation_mode, f"chain {chain.uid}")
-    eos, uid = tokenizer.eos_token_id, chain.uid
-    full_prompt = token_ids(tokenizer, chain.prompt, "prompt", uid)
-    blocks = [(token_ids(tokenizer, phrase, "feedback phrase", uid) if phrase else [],
-               token_ids(tokenizer, answer, "answer", uid) + [eos])
-              for phrase, answer in chain.blocks]
+    uid, mode = chain.uid, chain.truncation_mode
+    full_prompt = encode_prompt(tokenizer, chain.prompt, uid)
+    # rendered by harness/data/chat.py: with a chat template every block is an assistant turn
+    # opened by its phrase
+    blocks = [encode_block(tokenizer, phrase, answer, uid, first=i == 0)
+              for i, (phrase, answer) in enumerate(chain.blocks)]
     prompt = full_prompt
     if len(prompt) + sum(len(p) + len(a) for p, a in blocks) > max_length:
-        prompt = truncate(prompt, chain.truncation_mode, max_prompt_length)
+        prompt = encode_prompt(tokenizer, chain.prompt, uid, mode, max_prompt_length)
     ids, labels = list(prompt), [-100] * len(prompt)
     for phrase, answer in fit_blocks(blocks, max_length - len(prompt), uid):
         ids += phrase + answer
         labels += [-100] * len(phrase) + answer
-    phrase = token_ids(tokenizer, chain.inference_phrase, "inference phrase", uid)
+    phrase = encode_block(tokenizer, chain.inference_phrase, None, uid, first=True)[0]
     if len(phrase) >= max_prompt_length:
         raise ValueError(f"loss.inference_phrase ({len(phrase)} tokens) does not fit in "
                          f"max_prompt_length={max_prompt_length}")
     context = full_prompt if len(full_prompt) + len(phrase) <= max_prompt_length else \
-        truncate(full_prompt, chain.truncation_mode, max_prompt_length - len(phrase))
+        encode_prompt(tokenizer, chain.prompt, uid, mode, max_prompt_length - len(phrase))
     return {"prompt_input_ids": context + phrase, "prompt_length": len(prompt),
             "chosen_input_ids": ids, "chosen_labels": labels}
 
