@@ -2,13 +2,14 @@
 
     get_dataset(spec, split)  -> canonical records (the DPO reference format + truncation mode):
         {prompt: {"responses": [str], "pairs": [(winner_idx, loser_idx)],
-                  "sft_target": str, "truncation_mode": "keep_start" | "keep_end"}}
+                  "sft_target": str, "truncation_mode": "keep_start" | "keep_end",
+                  "scores": [float | None] (optional, one per response: SHP, UltraFeedback)}}
     load_examples(specs, ...) -> [Example]   one per prompt (SFT) or one per preference pair
     BatchIterator             -> padded torch batches, seeded per-epoch order, exact resume
 
 Prompts look like "\\n\\nHuman: ...\\n\\nAssistant:" and responses start with a space. A spec
 is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders and
-their table live in harness/data/sources.py. Tokenisation and truncation follow the DPO
+their table live in harness/data/sources.py (and conversational.py: trl, ultrafeedback). Tokenisation and truncation follow the DPO
 reference `tokenize_batch_element` (the token rules: harness/data/tokens.py).
 """
 import hashlib
@@ -22,6 +23,7 @@ import datasets
 import numpy as np
 import torch
 
+from harness.data import conversational  # noqa: F401  registers the trl and ultrafeedback loaders
 from harness.data.sources import DATASETS, Records
 from harness.data.chat import encode_prompt, encode_response
 from harness.data.tokens import check_truncation_mode, pad, pad_id, pad_with_mask
@@ -54,10 +56,13 @@ def get_dataset(spec: str, split: str, *, cache_dir=None, prefs_path=None, num_t
 def _check_record(prompt: str, record: dict, source: str):
     """Catch malformed records from any loader (toy, canonical JSON) before training does."""
     where = f"{source}: record for prompt {prompt[:60]!r}"
-    if set(record) != {"responses", "pairs", "sft_target", "truncation_mode"}:
+    if set(record) - {"scores"} != {"responses", "pairs", "sft_target", "truncation_mode"}:
         raise ValueError(f"{where} has keys {sorted(record)}")
     check_truncation_mode(record["truncation_mode"], where)
     n = len(record["responses"])
+    scores = record.get("scores", [None] * n)  # optional: one score (or None) per response
+    if len(scores) != n or not all(s is None or isinstance(s, (int, float)) for s in scores):
+        raise ValueError(f"{where} has scores {scores!r} for {n} responses")
     for pair in record["pairs"]:
         if len(pair) != 2 or not all(0 <= i < n for i in pair) or pair[0] == pair[1]:
             raise ValueError(f"{where} has bad pair {pair} ({n} responses)")
