@@ -251,6 +251,11 @@ def ratios(ours: dict, peer: dict, epoch: bool) -> dict:
             "e2e_s_ratio": ratio(ours["e2e_s"], peer["e2e_s"])}
 
 
+def pretrained_params(model_dir: str) -> int:
+    from harness.models.modeling import load_model
+    return n_params(load_model(model_dir, "float32"))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
@@ -272,6 +277,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="our runs with compile=true")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--tokenizer", default="assets/tiny_model", help="tokenizer dir")
+    p.add_argument("--model-dir", help="benchmark this pretrained model (a HF dir or "
+                   "packaged:NAME, e.g. packaged:smollm2_135m) with its own tokenizer instead of "
+                   "building the preset's random one; the preset gives the batch and lengths")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by name)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--workdir", help="keep model, data and run dirs here (default: a temp dir)")
@@ -287,22 +295,28 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.model_dir:  # its tokenizer, which the pairs and both trainers use
+        from harness.models.modeling import check_model_source
+        args.model_dir = args.tokenizer = check_model_source(args.model_dir, "--model-dir")
     preset, workdir, tokenizer = setup(
         args, PRESETS, {k: k for k in ("steps", "warmup", "batch_size", "max_length")}, "bench_")
     n_rows = (args.pairs or preset["epoch_pairs"]) if args.epoch else \
         (preset["warmup"] + preset["steps"]) * preset["batch_size"]
     log(f"preset {args.preset}: building the model and {n_rows} train rows in {workdir}")
-    params = build_model_dir(workdir / "model", preset, tokenizer)
+    model_dir = args.model_dir or str(workdir / "model")
+    params = pretrained_params(model_dir) if args.model_dir else \
+        build_model_dir(workdir / "model", preset, tokenizer)
     rows = make_rows(tokenizer, n_rows, preset["max_length"], preset["max_length"] // 2)
     data = workdir / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"model: {params / 1e6:.1f}M params ({preset['dtype']}, {preset['device']})")
-    base = dict(preset, preset=args.preset, model_dir=str(workdir / "model"), data=str(data),
+    base = dict(preset, preset=args.preset, model_dir=model_dir, data=str(data),
                 optimizer=args.optimizer, peak_tflops=args.peak_tflops, threads=args.threads,
                 compile=args.compile, epoch=args.epoch, n_pairs=n_rows, params=params,
                 epoch_tokens=epoch_tokens(data, tokenizer, preset["max_length"])
                 if args.epoch else None)
     header = dict(preset=args.preset, mode="epoch" if args.epoch else "steps",
+                  **({"model_dir": args.model_dir} if args.model_dir else {}),
                   device=preset["device"], dtype=preset["dtype"],
                   batch_size=preset["batch_size"], max_length=preset["max_length"],
                   **({"pairs": n_rows} if args.epoch else {"steps": preset["steps"],
