@@ -251,9 +251,12 @@ def ratios(ours: dict, peer: dict, epoch: bool) -> dict:
             "e2e_s_ratio": ratio(ours["e2e_s"], peer["e2e_s"])}
 
 
-def pretrained_params(model_dir: str) -> int:
+def model_and_params(args, workdir: Path, preset: dict, tokenizer) -> tuple[str, int]:
+    """(model dir, parameters): --model-dir's pretrained model, or the preset's, built."""
+    if not args.model_dir:
+        return str(workdir / "model"), build_model_dir(workdir / "model", preset, tokenizer)
     from harness.models.modeling import load_model
-    return n_params(load_model(model_dir, "float32"))
+    return args.model_dir, n_params(load_model(args.model_dir, "float32"))
 
 
 def parse_args(argv=None):
@@ -288,6 +291,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.pairs is not None and (not args.epoch or args.pairs < 1):
         p.error("--pairs N (N >= 1) goes with --epoch")
+    if args.model_dir and not args.worker:  # its own tokenizer makes the pairs, for both trainers
+        from harness.models.modeling import check_model_source
+        args.model_dir = args.tokenizer = check_model_source(args.model_dir, "--model-dir")
     return args
 
 
@@ -295,17 +301,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    if args.model_dir:  # its tokenizer, which the pairs and both trainers use
-        from harness.models.modeling import check_model_source
-        args.model_dir = args.tokenizer = check_model_source(args.model_dir, "--model-dir")
     preset, workdir, tokenizer = setup(
         args, PRESETS, {k: k for k in ("steps", "warmup", "batch_size", "max_length")}, "bench_")
     n_rows = (args.pairs or preset["epoch_pairs"]) if args.epoch else \
         (preset["warmup"] + preset["steps"]) * preset["batch_size"]
     log(f"preset {args.preset}: building the model and {n_rows} train rows in {workdir}")
-    model_dir = args.model_dir or str(workdir / "model")
-    params = pretrained_params(model_dir) if args.model_dir else \
-        build_model_dir(workdir / "model", preset, tokenizer)
+    model_dir, params = model_and_params(args, workdir, preset, tokenizer)
     rows = make_rows(tokenizer, n_rows, preset["max_length"], preset["max_length"] // 2)
     data = workdir / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
