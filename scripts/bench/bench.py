@@ -316,8 +316,7 @@ def main(argv=None):
                 compile=args.compile, epoch=args.epoch, n_pairs=n_rows, params=params,
                 epoch_tokens=epoch_tokens(data, tokenizer, preset["max_length"])
                 if args.epoch else None)
-    header = dict(preset=args.preset, mode="epoch" if args.epoch else "steps",
-                  **({"model_dir": args.model_dir} if args.model_dir else {}),
+    header = dict(preset=args.preset, mode="epoch" if args.epoch else "steps", model=model_dir,
                   device=preset["device"], dtype=preset["dtype"],
                   batch_size=preset["batch_size"], max_length=preset["max_length"],
                   **({"pairs": n_rows} if args.epoch else {"steps": preset["steps"],
