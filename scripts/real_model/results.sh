@@ -34,17 +34,20 @@ done
 # ---- sizes (subsampled: the toy task has 2,000 train and 200 test prompts) ----------------
 if [ "$MODE" = full ]; then
   OUT=${OUT:-.cache/real_model}
-  N_SFT=384; N_PREF=192; N_PPO=192; N_EVAL=64; N_JUDGE=64; NEW_TOKENS=40
+  N_SFT=384; N_PREF=192; N_PPO=192; N_EVAL=64; N_JUDGE=192; NEW_TOKENS=40
   BETAS_DPO="0.1,0.5"
 else
   OUT=${OUT:-.cache/real_model_smoke}
-  N_SFT=16; N_PREF=8; N_PPO=16; N_EVAL=4; N_JUDGE=40; NEW_TOKENS=12
+  N_SFT=16; N_PREF=8; N_PPO=16; N_EVAL=4; N_JUDGE=40; NEW_TOKENS=8
   BETAS_DPO="0.1"
 fi
+# a seeded subset of the toy train prompts (one pair each), by data_fraction: n_examples would
+# still precompute reference log-probs for all 2,000
+frac() { $PY -c "print($1 / 2000)"; }
 # every run: SmolLM2 with config/model/smollm2_135m.yaml (AdamW, batch 8, max_length 192) plus
 COMMON="model=smollm2_135m wandb.enabled=false sample_during_eval=false eval_every=1000000 \
 keep_last=1 do_first_eval=false n_eval_examples=16 n_epochs=1"
-PREF="n_examples=$N_PREF lr=5e-6"
+PREF="data_fraction=$(frac $N_PREF) lr=5e-6"
 COH_ARGS="loss.feedback_set=helpful loss.chain_weights.negative_positive=0"
 METHODS=(
   "dpo|loss=dpo loss.beta=$BETAS_DPO $PREF"
@@ -67,7 +70,7 @@ train() {  # train METHOD_DIR OVERRIDES...
 }
 
 rm -rf "$OUT/sft" && mkdir -p "$OUT/sft"
-train "$OUT/sft" loss=sft exp_name=sft "n_examples=$N_SFT"
+train "$OUT/sft" loss=sft exp_name=sft "data_fraction=$(frac $N_SFT)"
 SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
 
 for row in "${METHODS[@]}"; do
@@ -78,7 +81,7 @@ for row in "${METHODS[@]}"; do
 done
 # PPO against a reward model trained from SFT on the toy pairs
 rm -rf "$OUT/reward_model" "$OUT/ppo" && mkdir -p "$OUT/reward_model" "$OUT/ppo"
-train "$OUT/reward_model" loss=reward exp_name=reward "model.archive=$SFT" "n_examples=$N_PREF" \
+train "$OUT/reward_model" loss=reward exp_name=reward "model.archive=$SFT" "data_fraction=$(frac $N_PREF)" \
   lr=1e-5 "local_run_dir=$OUT/reward_model/reward"
 train "$OUT/ppo" +preset=ppo_toy exp_name=ppo "model.archive=$SFT" \
   "loss.reward_model=$OUT/reward_model/reward" "n_examples=$N_PPO" batch_size=16 \
