@@ -67,6 +67,30 @@ def test_chatml_tokens_are_golden(smollm2, prompt, response, prompt_ids, respons
     assert prompt_ids[:2] == [tok.bos_token_id, 9690]  # one BOS (<|im_start|>), then "system"
 
 
+FIX = ROOT / "tests" / "fixtures"
+SPECS = [f"hh:{FIX}/hh", f"shp:{FIX}/shp", f"se:{FIX}/se", f"sharegpt:{FIX}/sharegpt.json",
+         f"prefs:{FIX}/annotations.json", f"json:{FIX}/pairs.jsonl", "toy",
+         f"trl:{FIX}/trl/preference_conversational.jsonl", f"ultrafeedback:{FIX}/ultrafeedback"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_smollm2_prompt_tokens_prefix_the_whole_conversation(smollm2, spec):
+    """Under SmolLM2's own template, for every dataset: what training concatenates is what the
+    tokenizer makes of the rendered conversation, through one <|im_end|>."""
+    from harness.data.dialogue import to_messages
+    from preference_datasets import get_dataset
+    _, tok = smollm2
+    for prompt, record in list(get_dataset(spec, "train", silent=True).items())[:10]:
+        ids = chat.encode_prompt(tok, prompt)
+        for response in record["responses"][:2]:
+            answer = chat.encode_response(tok, response)
+            whole = tok.apply_chat_template(
+                to_messages(prompt) + [{"role": "assistant", "content": response[1:]}],
+                tokenize=False)
+            assert tok(whole, add_special_tokens=False)["input_ids"][:len(ids) + len(answer)] \
+                == ids + answer, (spec, prompt[:60])
+
+
 def test_one_dpo_step_on_smollm2(tmp_path, train_run, smollm2_dir):
     run = train_run(tmp_path, "model=smollm2_135m", "loss=dpo", "loss.beta=0.1", "n_examples=4",
                     "batch_size=2", "eval_batch_size=2", "n_eval_examples=2", "max_length=96",
