@@ -86,8 +86,13 @@ def test_labels_cover_exactly_the_answer_and_its_end_token(templated):
     assert ids.count(templated.eos_token_id) == 4  # two earlier turns end, the prompt's, the answer's
 
 
-def test_none_is_the_reference_format_and_auto_without_template_too(plain, templated):
+def test_none_is_the_reference_format_and_auto_without_template_too(plain, templated, caplog):
+    import logging
     from harness.models.modeling import load_tokenizer
+    with caplog.at_level(logging.INFO, logger="harness.data.chat"):
+        load_tokenizer(TINY + "/.")
+        load_tokenizer(TINY + "/.")
+    assert caplog.text.count("has no chat template: prompts use the reference dialogue") == 1
     none = load_tokenizer(TINY, "none")
     prompt = human_prompt("Tell Sam something positive about the park.")
     ex = make_example(prompt, " The park was nice.", None, "keep_start")
