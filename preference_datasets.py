@@ -2,13 +2,14 @@
 
     get_dataset(spec, split)  -> canonical records (the DPO reference format + truncation mode):
         {prompt: {"responses": [str], "pairs": [(winner_idx, loser_idx)],
-                  "sft_target": str, "truncation_mode": "keep_start" | "keep_end"}}
+                  "sft_target": str, "truncation_mode": "keep_start" | "keep_end",
+                  "scores": [float | None] (optional, one per response: SHP, UltraFeedback)}}
     load_examples(specs, ...) -> [Example]   one per prompt (SFT) or one per preference pair
     BatchIterator             -> padded torch batches, seeded per-epoch order, exact resume
 
 Prompts look like "\\n\\nHuman: ...\\n\\nAssistant:" and responses start with a space. A spec
 is NAME or NAME:PATH, PATH being local data in the source's raw schema. The source loaders and
-their table live in harness/data/sources.py. Tokenisation and truncation follow the DPO
+their table live in harness/data/sources.py (and conversational.py: trl, ultrafeedback). Tokenisation and truncation follow the DPO
 reference `tokenize_batch_element` (the token rules: harness/data/tokens.py).
 """
 import hashlib
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from harness.data import conversational  # noqa: F401  registers the trl and ultrafeedback loaders
+from harness.data.chat import encode_prompt, encode_response
 from harness.data.sources import DATASETS, EmptySplit, Records
-from harness.data.tokens import (check_truncation_mode, pad, pad_id, pad_with_mask, token_ids,
-                                 truncate)
+from harness.data.tokens import check_truncation_mode, pad, pad_id, pad_with_mask
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,13 @@ def get_dataset(spec: str, split: str, *, cache_dir=None, prefs_path=None, num_t
 def _check_record(prompt: str, record: dict, source: str):
     """Catch malformed records from any loader (toy, canonical JSON) before training does."""
     where = f"{source}: record for prompt {prompt[:60]!r}"
-    if set(record) != {"responses", "pairs", "sft_target", "truncation_mode"}:
+    if set(record) - {"scores"} != {"responses", "pairs", "sft_target", "truncation_mode"}:
         raise ValueError(f"{where} has keys {sorted(record)}")
     check_truncation_mode(record["truncation_mode"], where)
     n = len(record["responses"])
+    scores = record.get("scores", [None] * n)  # optional: one score (or None) per response
+    if len(scores) != n or not all(s is None or isinstance(s, (int, float)) for s in scores):
+        raise ValueError(f"{where} has scores {scores!r} for {n} responses")
     for pair in record["pairs"]:
         if len(pair) != 2 or not all(0 <= i < n for i in pair) or pair[0] == pair[1]:
             raise ValueError(f"{where} has bad pair {pair} ({n} responses)")
@@ -169,7 +174,8 @@ def load_examples(specs: list[str], split: str, *, sft_mode: bool, data_fraction
 def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     """Token ids and labels for one example (the reference `tokenize_batch_element`).
 
-    EOS is appended to each response. If prompt + longer response exceeds max_length the prompt
+    Prompt and responses are rendered by harness/data/chat.py (the tokenizer's chat template,
+    else the reference text as it is); each response ends with one EOS / end-of-turn token. If prompt + longer response exceeds max_length the prompt
     is cut to max_prompt_length (first tokens for keep_start, last for keep_end); if still too
     long, responses are cut to max_length - max_prompt_length. Labels are -100 on the prompt."""
     if not 0 < max_prompt_length < max_length:
@@ -177,14 +183,13 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, max_prompt_length:
     check_truncation_mode(ex.truncation_mode, f"example {ex.uid}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
-    eos = tokenizer.eos_token_id
-    prompt = token_ids(tokenizer, ex.prompt, "prompt", ex.uid)
-    responses = {"chosen": token_ids(tokenizer, ex.chosen, "chosen", ex.uid) + [eos]}
+    prompt = encode_prompt(tokenizer, ex.prompt, ex.uid)
+    responses = {"chosen": encode_response(tokenizer, ex.chosen, ex.uid, "chosen")}
     if ex.rejected is not None:
-        responses["rejected"] = token_ids(tokenizer, ex.rejected, "rejected", ex.uid) + [eos]
+        responses["rejected"] = encode_response(tokenizer, ex.rejected, ex.uid, "rejected")
     longest = max(len(ids) for ids in responses.values())
     if len(prompt) + longest > max_length:
-        prompt = truncate(prompt, ex.truncation_mode, max_prompt_length)
+        prompt = encode_prompt(tokenizer, ex.prompt, ex.uid, ex.truncation_mode, max_prompt_length)
     if len(prompt) + longest > max_length:
         responses = {k: ids[: max_length - max_prompt_length] for k, ids in responses.items()}
     out = {"prompt_input_ids": prompt, "prompt_length": len(prompt)}

@@ -38,6 +38,7 @@ def loop_class(cfg):
 def check_light(cfg: DictConfig):
     """The checks that need no torch and no model: they run before Hydra even starts the job
     (harness/training/cli.precheck), so a typo fails in about a second."""
+    from harness.data.chat import check_option as check_chat_option
     from harness.data.sources import check_spec
     from harness.training.options import check_ranges
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -45,6 +46,7 @@ def check_light(cfg: DictConfig):
         raise ValueError(f"missing required config value(s): {', '.join(missing)} "
                          f"(set them on the command line, e.g. {missing[0]}=...)")
     check_ranges(cfg)
+    check_chat_option(cfg.get("chat_template", "auto"))
     for spec in cfg.datasets:
         check_spec(str(spec))
     rank = OmegaConf.select(cfg, "model.lora.r")
@@ -177,6 +179,8 @@ def run(cfg: DictConfig, overrides: list[str] = (), run_parent: str | None = Non
         cfg = resumed_config(cfg, overrides)
     check_config(cfg, distributed.planned_world_size(cfg), overrides)
     resolve_archive(cfg)
+    if cfg.get("chat_template", "auto") not in ("auto", "none"):  # a file, named wherever run
+        cfg.chat_template = os.path.abspath(os.path.expanduser(cfg.chat_template))
     from harness.models.modeling import check_model_source
     check_model_source(cfg.model.name_or_path)
     if cfg.get("num_threads"):
@@ -246,6 +250,7 @@ def _train(cfg: DictConfig, run_dir: str, resume: dict | None):
     if not resume:
         base_model_notice(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
+                               cfg.get("chat_template", "auto"),
                                "model.tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path
                                else "model.name_or_path")
     # a resumed run restores its own weights, except a LoRA run's base: its checkpoints hold

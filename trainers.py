@@ -194,7 +194,10 @@ class BasicTrainer:
         key = reference_cache.cache_key(
             self.cfg.model, {"tokenizer": self.cfg.model.tokenizer_name_or_path or
                              self.cfg.model.name_or_path, "max_length": self.cfg.max_length,
-                             "max_prompt_length": self.cfg.max_prompt_length},
+                             "max_prompt_length": self.cfg.max_prompt_length,
+                             # the rendering (none: keys of runs before templates stay valid)
+                             **({"chat_template": self.tokenizer.chat_template}
+                                if self.tokenizer.chat_template else {})},
             [e.uid for e in examples], self.cfg.amp_dtype)
         self.reference_table = self.dist.reference_table(
             checkpoints.first_usable_dir(self.cfg.local_dirs), key, loader,

@@ -36,7 +36,8 @@ def test_default_sizes_and_disjoint_splits(train, test):
 def test_canonical_format(train):
     for prompt, rec in train.items():
         assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:")
-        assert set(rec) == {"responses", "pairs", "sft_target"}
+        assert set(rec) == {"responses", "pairs", "sft_target", "scores"}
+        assert rec["scores"] == [gold_reward(prompt, r) for r in rec["responses"]]
         assert rec["pairs"], "every prompt has at least one preference"
         assert all(r.startswith(" ") and not r.startswith("  ") for r in rec["responses"])
         rewards = [gold_reward(prompt, r) for r in rec["responses"]]

@@ -5,6 +5,8 @@ with a space; the loaders, the toy task, the judges, the sample files and the se
 parse prompts only through these functions.
 """
 
+import re
+
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 
@@ -25,6 +27,25 @@ def messages_prompt(messages: list[dict]) -> str:
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                     for m in messages if m["role"] != "system")
     return system + turns + ASSISTANT
+
+
+def to_messages(text: str) -> list[dict]:
+    """The inverse of `dialogue` / `messages_prompt`: a prompt in the dialogue format as
+    OpenAI-style messages. Text before the first human turn is the system message; the text of
+    each turn loses the one space the format puts after "Assistant:". A prompt that ends in
+    "\n\nAssistant:" asks for a new answer; one that ends in an assistant turn with text (a
+    prefill, such as CoH's feedback phrase) gets that text as its last, unfinished message.
+    Text that is not in the dialogue format is one user message."""
+    parts = re.split(r"\n\n(Human|Assistant):", text)
+    if len(parts) == 1:
+        return [{"role": "user", "content": text}]
+    messages = [{"role": "system", "content": parts[0]}] if parts[0] else []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant",
+                         "content": content[1:] if content.startswith(" ") else content})
+    if messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()  # the answer to come
+    return messages
 
 
 def instruction_of(prompt: str) -> str:

@@ -162,6 +162,7 @@ def load_shp(split, path=None, *, cache_dir=None, silent=False, **_):
     for prompt, record in data.items():  # SFT on the best-scored comment
         s = scores[prompt]
         record["sft_target"] = record["responses"][s.index(max(s))]
+        record["scores"] = [float(x) for x in s]  # upvotes: graded feedback (loss=coh)
     return _nonempty(data, "shp", split, "dropping pairs with score ratio < 2", check)
 
 

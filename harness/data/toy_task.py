@@ -147,7 +147,8 @@ def toy_records(split: str, n_prompts: int | None = None,
                 n_responses: int = 2) -> dict[str, dict]:
     """Canonical preference records for the toy task.
 
-    Returns {prompt: {"responses": [str], "pairs": [(win_idx, lose_idx)], "sft_target": str}}.
+    Returns {prompt: {"responses": [str], "pairs": [(win_idx, lose_idx)], "sft_target": str,
+    "scores": [gold reward of each response]}}.
     Responses are base-model samples, pairs are ordered by gold reward (winner first,
     ties skipped) and the SFT target is the best response, as in the reference code
     where sft_target = chosen. Deterministic; train and test prompts are disjoint.
@@ -170,7 +171,8 @@ def toy_records(split: str, n_prompts: int | None = None,
                  for i in range(n_responses) for j in range(i + 1, n_responses)
                  if rewards[i] != rewards[j]]
         best = max(range(n_responses), key=rewards.__getitem__)
-        records[prompt] = {"responses": responses, "pairs": pairs, "sft_target": responses[best]}
+        records[prompt] = {"responses": responses, "pairs": pairs, "sft_target": responses[best],
+                           "scores": rewards}
     return records
 
 

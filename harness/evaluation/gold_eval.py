@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from harness.checkpoints import (atomic_write_text, default_reference, resolve_checkpoint,
                                  run_config)
 from harness.checkpoints import output_path as checkpoint_output_path
+from harness.data.chat import encode_prompt
 from harness.data.gold import get_gold_reward
 from harness.evaluation.stats import mean_ci, sequence_kl, win_scores
 from harness.models.generation import SamplingConfig, completion_logps, sample
@@ -141,8 +142,8 @@ def evaluate(policy_path: str, reference_path: str | None = None, cfg: EvalConfi
     pi_logps, _ = completion_logps(policy, tok, pi_samples, s.batch_size, desc="policy logps")
     if suffix:  # the KL compares what was sampled, pi(y | x + suffix), with ref(y | x); the
         # gold reward and the reference see the plain prompt
-        pi_samples = [replace(x, prompt=p, prompt_ids=tuple(tok(p, add_special_tokens=False)[
-            "input_ids"])) for x, p in zip(pi_samples, prompts)]
+        pi_samples = [replace(x, prompt=p, prompt_ids=tuple(encode_prompt(tok, p)))
+                      for x, p in zip(pi_samples, prompts)]
     ref_logps, _ = completion_logps(reference, tok, pi_samples, s.batch_size, desc="ref logps")
     pi_rewards = [gold_fn(x.prompt, x.completion) for x in pi_samples]
     ref_rewards = [gold_fn(x.prompt, x.completion) for x in ref_samples]

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria
 
-from harness.data.dialogue import human_prompt, messages_prompt
+from harness.data.chat import render_messages
+from harness.data.dialogue import human_prompt
 from harness.feedback.openai_api import (HttpError, Params, parse_messages, parse_params,
                                          parse_prompts)
 
@@ -164,9 +165,9 @@ class ModelBackend:
         self.context = min(x for x in limits if x) if any(limits) else 2048
 
     def chat_prompt(self, messages):
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return messages_prompt(messages)
+        """The text the model continues, rendered as in training (harness/data/chat.py): the
+        chat template the checkpoint was trained with, else the dialogue format."""
+        return render_messages(self.tok, messages)
 
     def check_length(self, prompts, params: Params):
         for i, p in enumerate(prompts):
@@ -185,7 +186,8 @@ class ModelBackend:
         sinks = sinks or [None] * len(prompts)
         tracker = None
         if params.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
-            samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False)
+            samples = encode_completions(self.tok, prompts, [""] * len(prompts), append_eos=False,
+                                         render=False)
         else:
             cfg = SamplingConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                  top_p=params.top_p if params.top_p > 0 else 1e-6,
@@ -193,7 +195,8 @@ class ModelBackend:
             keyed = params.temperature > 0 and keys is not None
             if params.stop or any(s is not None for s in sinks):
                 tracker = RowTracker(self.tok, params.stop, sinks, eos_ids(self.model, self.tok))
-            samples = sample(self.model, self.tok, prompts, cfg, progress=False,
+            # requests are final text: chat ones rendered by chat_prompt, completions raw
+            samples = sample(self.model, self.tok, prompts, cfg, progress=False, render=False,
                              keys=keys if keyed else None,
                              stopping=tracker.criteria if tracker else None)
         return [self._out(i, s, params, tracker) for i, s in enumerate(samples)]

@@ -6,10 +6,10 @@
     per_token = completion_token_logps(model, tok, samples)     # list of [n_tokens_i] tensors
     samples = encode_completions(tok, prompts, completions)     # score given text instead
 
-Prompts are encoded as in training (no BOS, no
-truncation); a completion is the generated tokens up to and including the first EOS, which is
-exactly what training scores (responses end with EOS), so log-probs of samples and of training
-responses mean the same thing.
+Prompts are encoded as in training (harness/data/chat.py: the chat template when the tokenizer
+has one, no added BOS, no truncation); a completion is the generated tokens up to and including
+the first EOS / end-of-turn token, which is exactly what training scores (responses end with
+it), so log-probs of samples and of training responses mean the same thing.
 
 Sampling is seeded per batch (seed + batch index) inside a forked RNG, so it never disturbs the
 caller's random state and repeats exactly for the same (seed, batch settings, prompts). Sampling
@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor
 
+from harness.data.chat import encode_prompt, encode_response, end_of_turn_id
 from harness.data.tokens import pad, pad_id, pad_with_mask
 from harness.models.modeling import labelled_token_logps, sequence_logps
 
@@ -58,8 +59,11 @@ class Sample:
 
 
 def eos_ids(model, tokenizer) -> set[int]:
-    """Every token id that ends a completion (the tokenizer's EOS and the model's own)."""
+    """Every token id that ends a completion (the tokenizer's EOS, the chat template's
+    end-of-turn token and the model's own)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if end_of_turn_id(tokenizer) is not None:
+        ids.add(end_of_turn_id(tokenizer))
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
     if not ids:
@@ -162,8 +166,13 @@ class KeyedSampling(LogitsProcessor):
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(),
            progress: bool = True, desc: str = "sampling", keys: list[int] | None = None,
-           synced: bool = False, stopping=None) -> list[Sample]:
+           synced: bool = False, stopping=None, render: bool = True,
+           prompt_ids: list[list[int]] | None = None) -> list[Sample]:
     """One completion per prompt, in prompt order, batched with left padding.
+
+    Prompts are canonical prompts rendered as in training (harness/data/chat.py: the chat
+    template when the tokenizer has one); render=False: text the model continues as it is (the
+    server's requests). prompt_ids: the prompts' ids, already encoded (PPO's truncated ones).
 
     keys: one integer per prompt for KeyedSampling (sample i depends on cfg.seed, keys[i] and
     its prompt only; temperature > 0). synced: every rank keeps stepping until all ranks are
@@ -184,7 +193,7 @@ def sample(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingC
         do_sample=not greedy, pad_token_id=pad_token, eos_token_id=sorted(stop),
         cache_implementation="static" if cfg.static_cache else None, **({} if greedy else dict(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)))
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = prompt_ids or [encode_text(tokenizer, p, render) for p in prompts]
     out = [None] * len(prompts)
     was_training = model.training
     model.eval()
@@ -227,14 +236,22 @@ def speed_options(args) -> dict:
                 static_cache=args.static_cache)
 
 
+def encode_text(tokenizer, prompt: str, render: bool = True) -> list[int]:
+    """A prompt's ids: rendered as training renders it, or (render=False) the text as it is."""
+    return encode_prompt(tokenizer, prompt) if render else \
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def encode_completions(tokenizer, prompts: list[str], completions: list[str],
-                       append_eos: bool = True) -> list[Sample]:
-    """Samples for given (prompt, completion) text, encoded as training does (EOS appended)."""
+                       append_eos: bool = True, render: bool = True) -> list[Sample]:
+    """Samples for given (prompt, completion) text, encoded as training does (rendered, the
+    completion ending with EOS / end-of-turn). append_eos=False: the completion's ids alone;
+    render=False: the prompt text as it is (the server)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    eos = [tokenizer.eos_token_id] if append_eos else []
-    return [Sample(p, c, tuple(tokenizer(p, add_special_tokens=False)["input_ids"]),
-                   tuple(tokenizer(c, add_special_tokens=False)["input_ids"] + eos), append_eos)
+    return [Sample(p, c, tuple(encode_text(tokenizer, p, render)),
+                   tuple(encode_response(tokenizer, c) if append_eos else
+                         tokenizer(c, add_special_tokens=False)["input_ids"]), append_eos)
             for p, c in zip(prompts, completions)]
 
 

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.checkpoints import resolve_checkpoint, resolve_path
+from harness.checkpoints import resolve_checkpoint, resolve_path, run_config
+from harness.data.chat import apply_option
 from harness.data.validate import offline_unless_reachable
+from harness.models.packaged import SCHEME, ensure_converted, is_packaged
 
 
 def _looks_local(path: str) -> bool:
@@ -17,7 +19,10 @@ def _looks_local(path: str) -> bool:
 
 
 def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> str:
-    """Fail early, naming the key, when a local model dir does not exist."""
+    """The dir or hub id to load from; fails early, naming the key, when a local model dir does
+    not exist. `packaged:NAME` (harness/models/packaged.py) is converted on first use."""
+    if is_packaged(name_or_path):
+        return str(ensure_converted(name_or_path[len(SCHEME):]))
     path = resolve_path(name_or_path)
     if not os.path.exists(path) and _looks_local(path):
         raise FileNotFoundError(
@@ -44,14 +49,24 @@ def hub_errors(path: str, key: str = "model.name_or_path"):
                          f"download {path} --local-dir DIR) and set {key}=DIR") from None
 
 
-def load_tokenizer(name_or_path: str, key: str = "model.tokenizer_name_or_path"):
+def load_tokenizer(name_or_path: str, chat_template: str = "auto",
+                   key: str = "model.tokenizer_name_or_path"):
+    """The tokenizer, with the chat template `chat_template` asks for (harness/data/chat.py:
+    auto = its own if it has one, none = the reference dialogue format, or a Jinja file);
+    `key` names the option it came from in errors."""
     from transformers import AutoTokenizer
     path = check_model_source(name_or_path, key)
     with hub_errors(path, key):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # reference behaviour: pad with EOS when no pad exists
         tokenizer.pad_token_id = tokenizer.eos_token_id
-    return tokenizer
+    return apply_option(tokenizer, chat_template, name_or_path)
+
+
+def run_chat_template(archive: str | None) -> str:
+    """The chat_template option of the run that wrote `archive` (auto without one)."""
+    cfg = run_config(archive) if archive else None
+    return (cfg.get("chat_template") if cfg is not None else None) or "auto"
 
 
 def load_model(name_or_path: str, dtype: str, archive: str | None = None, device_map=None,
@@ -141,7 +156,8 @@ def load_checkpoint(path: str, base_model: str | None = None, tokenizer: str | N
             raise ValueError(f"checkpoint {ref.archive!r} does not fit the base model "
                              f"{ref.model!r}: {str(e).splitlines()[-1].strip()} (name the "
                              "model it was trained from)") from e
-    tok = load_tokenizer(ref.tokenizer)
+    # the prompts are rendered as the checkpoint was trained: its run's chat_template
+    tok = load_tokenizer(ref.tokenizer, run_chat_template(ref.archive))
     check_tokenizer_fits(model, tok, f"checkpoint {path!r} with tokenizer {ref.tokenizer!r}")
     return model.to(device).eval(), tok
 

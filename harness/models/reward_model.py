@@ -23,6 +23,7 @@ from torch import nn
 
 import losses
 from harness.checkpoints import REWARD_META, REWARD_MODEL_DIR, reward_checkpoint_dir
+from harness.data.chat import encode_prompt, encode_response, uses_chat_template
 from harness.data.gold import GOLD_REWARDS, register_gold_reward
 from harness.data.tokens import pad_with_mask
 from harness.models.modeling import (check_model_source, last_token_index, load_tokenizer,
@@ -118,9 +119,11 @@ def build_reward_model(name_or_path: str, dtype: str, n_bins: int = 0, archive: 
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Same vocabulary and special tokens <=> same fingerprint."""
+    """Same vocabulary, special tokens and chat template <=> same fingerprint (a tokenizer
+    without a template keeps the fingerprint it had before templates counted)."""
+    template = [tokenizer.chat_template] if uses_chat_template(tokenizer) else []
     data = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id,
-                       tokenizer.pad_token_id])
+                       tokenizer.pad_token_id] + template)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
 
 
@@ -165,12 +168,12 @@ class RewardFunction:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            # prompt and completion tokenised apart, then joined: exactly as in training
-            seqs = [self.tokenizer(p, add_special_tokens=False)["input_ids"]
-                    + self.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
+            # prompt and completion encoded apart, then joined: exactly as in training
+            # (harness/data/chat.py: the reward model's chat template, if it was trained with one)
+            seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, c)
                     for p, c in zip(prompts[i:i + self.batch_size],
                                     completions[i:i + self.batch_size])]
             ids, mask = (t.to(self.device) for t in pad_with_mask(seqs, pad))

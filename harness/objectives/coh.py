@@ -30,14 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 import losses
 from harness.objectives.fcm import fcm_attention_mask, past_drop_fraction
 from harness.objectives import LossSpec, StepContext, register_loss
 from harness.objectives.core import trained_tokens
 from harness.data.pretraining_mix import PretrainStream, looks_like_path, read_documents
-from harness.data.tokens import check_truncation_mode, token_ids, truncate
+from harness.data.chat import encode_block, encode_prompt
+from harness.data.tokens import check_truncation_mode
 from preference_datasets import ExampleFormat
 
 # which answer goes under which phrase of a (positive, negative) wording pair, in chain order
@@ -61,6 +62,7 @@ class CohOptions:
     feedback_sets_file: str | None = None
     inference_phrase: str | None = None
     sft_mode: bool = False
+    score_buckets: list | None = None
     fcm_min: float = 0.0
     fcm_max: float = 0.0
     pt_data: str | None = None
@@ -147,6 +149,35 @@ class CohSettings:
     fcm_min: float
     fcm_max: float
     seed: int
+    buckets: tuple[tuple[float | None, str], ...] = ()  # (lowest score, phrase), highest first
+
+
+def score_buckets(spec) -> tuple[tuple[float | None, str], ...]:
+    """loss.score_buckets -> ((lowest score, phrase), ...), checked: scores descending, the
+    last one null (a phrase for every score), each template a phrase then {answer}."""
+    if spec is None:
+        return ()
+    where = "loss.score_buckets"
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ValueError(f"{where} must be a list of [lowest score, template] (or null)")
+    out = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"{where}[{i}]={item!r} must be [lowest score, template]")
+        low, template = item
+        last = i == len(spec) - 1
+        if (low is None) != last or not (low is None or isinstance(low, (int, float))):
+            raise ValueError(f"{where}[{i}]: the lowest scores must be numbers, and null exactly "
+                             "in the last bucket (it takes every score below the others)")
+        if out and low is not None and low >= out[-1][0]:
+            raise ValueError(f"{where}[{i}]: buckets go from the highest score down")
+        blocks = parse_template(template, ("answer",), f"{where}[{i}]")
+        out.append((None if low is None else float(low), blocks[0][0]))
+    return tuple(out)
+
+
+def bucket_phrase(buckets, score: float) -> str:
+    return next(phrase for low, phrase in buckets if low is None or score >= low)
 
 
 def _chain_weights(loss_cfg) -> dict:
@@ -190,12 +221,16 @@ def coh_settings(cfg) -> CohSettings:
                          "supported: its stream counts gradient_accumulation_steps micro-batches "
                          "per step; set micro_batch_tokens=null")
     total = sum(weights.values())
+    buckets = score_buckets(OmegaConf.to_container(loss.score_buckets, resolve=True)
+                            if isinstance(loss.get("score_buckets"), ListConfig)
+                            else loss.get("score_buckets"))
     phrase = loss.inference_phrase
-    if phrase is None:  # the set's first positive wording, as the paper prompts at inference
-        phrase = pairs[0]["positive"][0][0]
+    if phrase is None:  # the set's first positive wording (or the top score bucket's phrase),
+        # as the paper prompts at inference
+        phrase = buckets[0][1] if buckets else pairs[0]["positive"][0][0]
     return CohSettings(tuple(weights), tuple(w / total for w in weights.values()), pairs,
                        comparisons, phrase, bool(loss.sft_mode), float(loss.fcm_min),
-                       float(loss.fcm_max), int(cfg.seed))
+                       float(loss.fcm_max), int(cfg.seed), buckets)
 
 
 def _exists(path: str) -> bool:
@@ -220,16 +255,22 @@ class Chain:
 
 
 def build_chain(prompt: str, better: str, worse: str | None, truncation_mode: str,
-                settings: CohSettings, label: str = NO_PAIR) -> Chain:
+                settings: CohSettings, label: str = NO_PAIR, scores=None) -> Chain:
     """A chain for one pair (or one positive-only answer when worse is None). Order and wording
     are drawn from a generator seeded by (run seed, example content): reproducible, and
-    independent of data order and of which other examples are loaded."""
+    independent of data order and of which other examples are loaded. scores: (better's,
+    worse's) for graded feedback: each answer's phrase is its score bucket's."""
     key = hashlib.sha256(json.dumps([prompt, better, worse]).encode("utf-8")).digest()
     rng = np.random.default_rng([settings.seed, int.from_bytes(key[:8], "big")])
     order = label if worse is None else settings.orders[rng.choice(len(settings.orders),
                                                                     p=settings.probs)]
     answers = {"better": better, "worse": worse}
-    if order == "comparison":
+    if scores is not None:
+        order = "positive_negative" if order == "comparison" else order
+        phrases = dict(zip(("better", "worse"), (bucket_phrase(settings.buckets, s) for s in scores)))
+        blocks = tuple((phrases[which], answers[which]) for _, which in ORDER_BLOCKS[order])
+        order = "graded " + order
+    elif order == "comparison":
         template = settings.comparisons[rng.integers(len(settings.comparisons))]
         blocks = tuple((phrase, answers[slot]) for phrase, slot in template)
     else:
@@ -249,8 +290,10 @@ def record_chains(prompt: str, record: dict, settings: CohSettings) -> list[Chai
             return []
         return [build_chain(prompt, record["sft_target"], None, mode, settings,
                             SFT_TARGET if settings.sft_mode else NO_PAIR)]
-    responses = record["responses"]
-    return [build_chain(prompt, responses[w], responses[l], mode, settings)
+    responses, scores = record["responses"], record.get("scores")
+    graded = bool(settings.buckets) and scores is not None
+    return [build_chain(prompt, responses[w], responses[l], mode, settings, scores=(
+                scores[w], scores[l]) if graded and None not in (scores[w], scores[l]) else None)
             for w, l in record["pairs"]]
 
 
@@ -291,24 +334,25 @@ def tokenize_chain(chain: Chain, tokenizer, max_length: int, max_prompt_length: 
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     check_truncation_mode(chain.truncation_mode, f"chain {chain.uid}")
-    eos, uid = tokenizer.eos_token_id, chain.uid
-    full_prompt = token_ids(tokenizer, chain.prompt, "prompt", uid)
-    blocks = [(token_ids(tokenizer, phrase, "feedback phrase", uid) if phrase else [],
-               token_ids(tokenizer, answer, "answer", uid) + [eos])
-              for phrase, answer in chain.blocks]
+    uid, mode = chain.uid, chain.truncation_mode
+    full_prompt = encode_prompt(tokenizer, chain.prompt, uid)
+    # rendered by harness/data/chat.py: with a chat template every block is an assistant turn
+    # opened by its phrase
+    blocks = [encode_block(tokenizer, phrase, answer, uid, first=i == 0)
+              for i, (phrase, answer) in enumerate(chain.blocks)]
     prompt = full_prompt
     if len(prompt) + sum(len(p) + len(a) for p, a in blocks) > max_length:
-        prompt = truncate(prompt, chain.truncation_mode, max_prompt_length)
+        prompt = encode_prompt(tokenizer, chain.prompt, uid, mode, max_prompt_length)
     ids, labels = list(prompt), [-100] * len(prompt)
     for phrase, answer in fit_blocks(blocks, max_length - len(prompt), uid):
         ids += phrase + answer
         labels += [-100] * len(phrase) + answer
-    phrase = token_ids(tokenizer, chain.inference_phrase, "inference phrase", uid)
+    phrase = encode_block(tokenizer, chain.inference_phrase, None, uid, first=True)[0]
     if len(phrase) >= max_prompt_length:
         raise ValueError(f"loss.inference_phrase ({len(phrase)} tokens) does not fit in "
                          f"max_prompt_length={max_prompt_length}")
     context = full_prompt if len(full_prompt) + len(phrase) <= max_prompt_length else \
-        truncate(full_prompt, chain.truncation_mode, max_prompt_length - len(phrase))
+        encode_prompt(tokenizer, chain.prompt, uid, mode, max_prompt_length - len(phrase))
     return {"prompt_input_ids": context + phrase, "prompt_length": len(prompt),
             "chosen_input_ids": ids, "chosen_labels": labels}
 

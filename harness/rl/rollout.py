@@ -18,16 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.data.tokens import pad_to, pad_with_mask, truncate
+from harness.data.chat import encode_prompt
+from harness.data.tokens import pad_to, pad_with_mask
 from harness.models.generation import Sample, SamplingConfig, sample
 from harness.models.modeling import position_ids
 from losses import entropy_from_logits
 
 
 def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
-    """Prompt ids as in training (no BOS), cut to max_prompt_length per the dataset's mode."""
-    return [truncate(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"],
-                     ex.truncation_mode, max_prompt_length) for ex in examples]
+    """Prompt ids as in training (harness/data/chat.py: the chat template when the tokenizer
+    has one; no added BOS), cut to max_prompt_length per the dataset's mode."""
+    return [encode_prompt(tokenizer, ex.prompt, ex.uid, ex.truncation_mode, max_prompt_length)
+            for ex in examples]
 
 
 @dataclass
@@ -76,23 +78,8 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], prompts: list[str],
     SamplingConfig fields, e.g. static_cache."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                          batch_size=len(prompts), seed=seed, **sampling)
-    return sample(policy, _PreTokenized(tokenizer, prompts, prompt_ids), prompts, cfg,
-                  progress=False, keys=keys, synced=synced)
-
-
-class _PreTokenized:
-    """The tokenizer, except that the given prompts encode to their (truncated) ids."""
-
-    def __init__(self, tokenizer, prompts, ids):
-        self._tok, self._ids = tokenizer, dict(zip(prompts, ids))
-
-    def __call__(self, text, **kwargs):
-        if text in self._ids:
-            return {"input_ids": self._ids[text]}
-        return self._tok(text, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
+    return sample(policy, tokenizer, prompts, cfg, progress=False, keys=keys, synced=synced,
+                  prompt_ids=prompt_ids)
 
 
 def policy_logprobs(model, batch: Rollout, temperature: float, with_entropy: bool = False):

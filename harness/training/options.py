@@ -18,8 +18,7 @@ ALWAYS_READ = frozenset({
     "warmup_steps", "eval_every", "minimum_log_interval_secs", "save_every", "prefs_path",
     "data_fraction", "num_turns", "resume", "export_hf", "keep_last", "fused_optimizer",
     "compile", "model", "loss", "trainer", "preset", "hydra", "health", "gold_eval_prompts",
-    "num_threads",
-    "resume_accept_data_change"})
+    "num_threads", "resume_accept_data_change", "chat_template"})
 
 
 def given_keys(overrides) -> set[str]:

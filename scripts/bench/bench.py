@@ -263,6 +263,14 @@ def ratios(ours: dict, peer: dict, epoch: bool) -> dict:
             "e2e_s_ratio": ratio(ours["e2e_s"], peer["e2e_s"])}
 
 
+def model_and_params(args, workdir: Path, preset: dict, tokenizer) -> tuple[str, int]:
+    """(model dir, parameters): --model-dir's pretrained model, or the preset's, built."""
+    if not args.model_dir:
+        return str(workdir / "model"), build_model_dir(workdir / "model", preset, tokenizer)
+    from harness.models.modeling import load_model
+    return args.model_dir, n_params(load_model(args.model_dir, "float32"))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
@@ -288,6 +296,9 @@ def parse_args(argv=None):
                    "tokens and every response the rest: each batch [batch, max_length]")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--tokenizer", default="assets/tiny_model", help="tokenizer dir")
+    p.add_argument("--model-dir", help="benchmark this pretrained model (a HF dir or "
+                   "packaged:NAME, e.g. packaged:smollm2_135m) with its own tokenizer instead of "
+                   "building the preset's random one; the preset gives the batch and lengths")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by name)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--workdir", help="keep model, data and run dirs here (default: a temp dir)")
@@ -296,6 +307,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.pairs is not None and (not args.epoch or args.pairs < 1):
         p.error("--pairs N (N >= 1) goes with --epoch")
+    if args.model_dir and not args.worker:  # its own tokenizer makes the pairs, for both trainers
+        from harness.models.modeling import check_model_source
+        args.model_dir = args.tokenizer = check_model_source(args.model_dir, "--model-dir")
     return args
 
 
@@ -321,16 +335,16 @@ def main(argv=None):
     n_rows = (args.pairs or preset["epoch_pairs"]) if args.epoch else \
         (preset["warmup"] + preset["steps"]) * preset["batch_size"]
     log(f"preset {args.preset}: building the model and {n_rows} train rows in {workdir}")
-    params = build_model_dir(workdir / "model", preset, tokenizer)
+    model_dir, params = model_and_params(args, workdir, preset, tokenizer)
     data = write_pairs(workdir / "pairs.jsonl", tokenizer, n_rows, preset["max_length"],
                        args.fixed_length)
     log(f"model: {params / 1e6:.1f}M params ({preset['dtype']}, {preset['device']})")
-    base = dict(preset, preset=args.preset, model_dir=str(workdir / "model"), data=str(data),
+    base = dict(preset, preset=args.preset, model_dir=model_dir, data=str(data),
                 optimizer=args.optimizer, peak_tflops=args.peak_tflops, threads=args.threads,
                 compile=args.compile, epoch=args.epoch, n_pairs=n_rows, params=params,
                 epoch_tokens=epoch_tokens(data, tokenizer, preset["max_length"])
                 if args.epoch else None)
-    header = dict(preset=args.preset, mode="epoch" if args.epoch else "steps",
+    header = dict(preset=args.preset, mode="epoch" if args.epoch else "steps", model=model_dir,
                   device=preset["device"], dtype=preset["dtype"],
                   batch_size=preset["batch_size"], max_length=preset["max_length"],
                   **({"pairs": n_rows} if args.epoch else {"steps": preset["steps"],
