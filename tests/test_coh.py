@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from harness.objectives.coh import (CHAIN_ORDERS, coh_settings, fit_blocks, parse_template, record_chains,
-                         tokenize_chain)
+from harness.objectives.coh import (CHAIN_ORDERS, coh_settings, fit_blocks, record_chains,
+                                    tokenize_chain)
+from harness.objectives.coh_phrases import parse_template
 from harness.models.modeling import load_tokenizer
 from preference_datasets import BatchIterator, get_dataset, load_examples
 from train import check_config

@@ -140,8 +140,9 @@ def test_rollout_masks_one_eos_and_the_penalty_reads_completions_only(tiny):
     model, _ = tiny
     prompt = "\n\nHuman: say<|endoftext|> it\n\nAssistant:"
     assert EOS in TOK(prompt, add_special_tokens=False)["input_ids"]
+    # render=False: the text as it is (rendering refuses a prompt holding EOS, as training does)
     cut = sample(model, TOK, [prompt], SamplingConfig(max_new_tokens=3, min_new_tokens=3,
-                                                      seed=0), progress=False)[0]
+                                                      seed=0), progress=False, render=False)[0]
     for seed in range(20):  # a response that stops by itself
         done = sample(model, TOK, ["\n\nHuman: hi\n\nAssistant:"], SamplingConfig(
             max_new_tokens=40, seed=seed), progress=False)[0]
