@@ -77,7 +77,8 @@ class BasicTrainer:
         """The top-level options this loop reads for loss spec `spec` (the others are refused
         when given: harness/training/options.py)."""
         out = {"gradient_accumulation_steps", "micro_batch_tokens", "drop_last", "amp_dtype",
-               "activation_checkpointing", "logits_chunk_size", "packing"}
+               "activation_checkpointing", "logits_chunk_size", "packing",
+               "health"}  # the rollout loop has its own guard (non-finite, loss.max_approx_kl)
         if cfg.packing:
             out.add("pack_length")
         if spec.paired:

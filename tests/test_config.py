@@ -116,6 +116,8 @@ def test_every_trainer_composes(trainer, compose):
      "loss.label_smoothing is not an option of loss=ipo"),
     (["loss=dpo", "loss.beta=0.1", "+loss.bta=1"], "did you mean 'beta'"),
     (["loss=ppo", "loss.reward_model=R", "packing=true"], "packing is not read by loss=ppo"),
+    (["loss=grpo", "loss.scorer=gold:toy", "health.max_grad_norm=5"],
+     "health is not read by loss=grpo"),
     (["loss=ppo", "loss.reward_model=R", "amp_dtype=bfloat16"], "amp_dtype is not read"),
     (["loss=ppo", "loss.reward_model=R", "precompute_reference=false"],
      "precompute_reference is not read"),

@@ -239,6 +239,8 @@ def test_nan_reward_stops_the_run_after_saving(tmp_path, reward_run, monkeypatch
     with pytest.raises(TrainingDiverged, match=r"rewards_train/score=nan"):
         trainer.train()
     assert (tmp_path / "run" / "diverged-0" / "policy.pt").exists()
+    latest = tmp_path / "run" / "LATEST"  # never the diverged weights: a resume starts before
+    assert not latest.exists() or latest.resolve().name != "diverged-0"
 
 
 def _evaluate_script():

@@ -127,12 +127,14 @@ class RolloutLoop:
         for begin in range(start, len(order) - size + 1, size):
             yield [self.train_examples[i] for i in order[begin:begin + size]]
 
-    def save(self, name: str | None = None):
-        """Collective: the shared writer's files plus the method's own (PPO's critic.pt)."""
+    def save(self, name: str | None = None, latest: bool = True):
+        """Collective: the shared writer's files plus the method's own (PPO's critic.pt);
+        latest=False leaves LATEST where it is (a diverged run's weights, kept for a look)."""
         if self.cfg.debug:
             return
         self.writer.save(self.state, self.policy, self.method.trained, self.optimizer,
-                         self.scheduler, name, files=self.method.checkpoint_files())
+                         self.scheduler, name, files=self.method.checkpoint_files(),
+                         latest=latest)
 
     # ---- rollouts -----------------------------------------------------------------------------
     def gather(self, part: list) -> list:
@@ -266,7 +268,7 @@ class RolloutLoop:
     def diverged(self, key: str, value: float, why: str = "is not finite"):
         """Save the current weights for inspection, then stop with the offending statistic."""
         name = f"diverged-{self.state.examples}"
-        self.save(name)
+        self.save(name, latest=False)
         saved = "not saved (debug=true)" if self.cfg.debug else f"saved in {self.run_dir}/{name}"
         raise TrainingDiverged(f"loss={self.name} stopped at rollout {self.state.rollouts} (after "
                                f"{self.state.examples} prompts, optimizer step "

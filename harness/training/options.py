@@ -17,7 +17,7 @@ ALWAYS_READ = frozenset({
     "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "optimizer",
     "warmup_steps", "eval_every", "minimum_log_interval_secs", "save_every", "prefs_path",
     "data_fraction", "num_turns", "resume", "export_hf", "keep_last", "fused_optimizer",
-    "compile", "model", "loss", "trainer", "preset", "hydra", "health", "gold_eval_prompts",
+    "compile", "model", "loss", "trainer", "preset", "hydra", "gold_eval_prompts",
     "num_threads", "resume_accept_data_change", "chat_template"})
 
 
