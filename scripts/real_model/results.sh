@@ -46,7 +46,7 @@ fi
 frac() { $PY -c "print($1 / 2000)"; }
 # every run: SmolLM2 with config/model/smollm2_135m.yaml (AdamW, batch 8, max_length 192) plus
 COMMON="model=smollm2_135m wandb.enabled=false sample_during_eval=false eval_every=1000000 \
-keep_last=1 do_first_eval=false n_eval_examples=16 n_epochs=1"
+keep_last=1 do_first_eval=false n_eval_examples=16 n_epochs=1 gold_eval_prompts=0"
 PREF="data_fraction=$(frac $N_PREF) lr=5e-6"
 COH_ARGS="loss.feedback_set=helpful loss.chain_weights.negative_positive=0"
 METHODS=(
