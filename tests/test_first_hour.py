@@ -299,3 +299,13 @@ def test_hub_failure_names_the_offline_route(tmp_path):
     out = cli_run(tmp_path, *QUICK, "datasets=[hh]", env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "datasets=[hh:/path/to/copy]" in out.stderr
+
+
+@pytest.mark.parametrize("loss, notice", [("dpo", True), ("ipo", True), ("coh", True),
+                                          ("kto", True), ("simpo", True), ("orpo", False),
+                                          ("sft", False)])
+def test_losses_meant_for_an_sft_start_say_so_without_an_archive(compose, capsys, loss, notice):
+    from harness.objectives import base_model_notice
+    extra = ["loss.beta=0.1"] if loss in ("dpo", "ipo") else []
+    base_model_notice(compose(f"loss={loss}", *extra))
+    assert (f"notice: loss={loss} without model.archive" in capsys.readouterr().out) == notice

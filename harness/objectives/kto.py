@@ -172,4 +172,5 @@ def check(cfg, world_size: int):
 
 register_loss("kto", LossSpec(paired=True, step=kto_step, options=KTOOptions,
                               uses_reference=True, data=kto_data, check=check,
-                              batch_stats=kto_batch_stats, ignores=("prefix_sharing",)))
+                              batch_stats=kto_batch_stats, ignores=("prefix_sharing",),
+                              from_sft=True))

@@ -40,4 +40,5 @@ def simpo_step(ctx: StepContext, batch, split: str):
                                               rejected)
 
 
-register_loss("simpo", LossSpec(paired=True, step=simpo_step, options=SimPOOptions))
+register_loss("simpo", LossSpec(paired=True, step=simpo_step, options=SimPOOptions,
+                                from_sft=True))  # SimPO starts from an SFT model; ORPO needs none
