@@ -90,6 +90,11 @@ TRAIN_QUICK = ("wandb.enabled=false", "n_examples=32", "eval_every=1000000", "n_
                "local_dirs=[{runs}]")
 PPO_QUICK = ("batch_size=8", "loss.mini_batch_size=4", "loss.max_new_tokens=8",
              "n_eval_examples=8", "eval_batch_size=8")
+# GRPO / RLOO / online DPO: 4 prompts x K samples per rollout, 8 prompts in all
+GROUP_QUICK = ("batch_size=4", "n_examples=8", "loss.max_new_tokens=8", "n_eval_examples=8",
+               "eval_batch_size=8")
+# the real model (SmolLM2-135M): a few examples
+REAL_QUICK = ("n_examples=8", "batch_size=4", "eval_batch_size=4", "n_eval_examples=4")
 
 RULES = [
     (r"^pip install .*-m pytest|^python -m pytest", Covered("CI itself (.ci/run runs the suite)")),
@@ -101,7 +106,26 @@ RULES = [
      Quick(sub={"--nproc_per_node 8": "--nproc_per_node 2", "tp_size=8": "tp_size=2"})),
     (r"^torchrun --nproc_per_node 8 train\.py loss=ppo",
      Quick(sub={"--nproc_per_node 8": "--nproc_per_node 2"}, train=PPO_QUICK)),
-    (r"^lm_eval ", Needs("lm-eval: not a dependency, and its tasks download data sets")),
+    (r"^lm_eval ", Covered("tests/test_lm_eval.py (both commands, on the local tasks)")),
+    (r"^pip install --no-deps -r requirements-real\.txt", Covered("CI itself (.ci/run)")),
+    (r"^pip install -r requirements-eval\.txt", Covered("CI (requirements-test.txt has it)")),
+    (r"^python scripts/fetch_model\.py", Quick()),
+    (r"^bash scripts/real_model/results\.sh", Needs("time: about 80 minutes on 2 idle cores; "
+                                                   "--smoke runs the same code on tiny subsets")),
+    (r"^bash scripts/gpu_check\.sh", Needs("a GPU (tests/test_gpu_check.py runs its --dry-run)")),
+    (r"^python scripts/bench/bench_serve\.py",
+     Covered("tests/test_bench_serve.py (ours; the peer needs that commit in the clone)")),
+    (r"^python scripts/eval_implicit_rm\.py",
+     Quick(sub={r"hh:/data/hh-rlhf": f"hh:{FIXTURES}/hh", r"--n-pairs \d+": "--n-pairs 16"},
+           args="--n-pairs 16")),
+    (r"^python scripts/alpaca_eval_lc\.py", Quick()),
+    (r"eval_judge\.api_key_env=OPENAI_API_KEY", Quick(env={"OPENAI_API_KEY": "unused-local-key"})),
+    (r"model=smollm2_135m",
+     Quick(sub={r"datasets=\[ultrafeedback\]": f"datasets=[ultrafeedback:{FIXTURES}/ultrafeedback]",
+                # the README's archive is a SmolLM2 SFT run; the test's runs are the tiny model's
+                r" model\.archive=\.\.\.": ""}, train=REAL_QUICK)),
+    (r"preset=(grpo|rloo|online_dpo)_toy|loss=(grpo|rloo|online_dpo)\b",
+     Quick(sub=HUB_MODEL, train=GROUP_QUICK)),
     (r"loss\.pt_data=allenai/c4", Needs("the hub (the C4 corpus); loss.pt_data=toy runs offline")),
     (r"^python -u train\.py model=pythia28 datasets=\[hh,shp\]",
      Quick(sub={**HUB_MODEL, r"datasets=\[hh,shp\]":
@@ -111,7 +135,8 @@ RULES = [
     (r"^python train\.py resume=", Quick(resumable_only=True)),
     (r"loss=ppo|preset=ppo_toy", Quick(sub=HUB_MODEL, train=PPO_QUICK)),
     (r"^python -?u? ?train\.py|^python train\.py", Quick(sub=HUB_MODEL)),
-    (r"^python scripts/serve\.py", Quick(sub={"--port 8000": "--port 0"}, background=True)),
+    (r"^python scripts/serve\.py",
+     Quick(sub={"--port 8000": "--port 0", r" &$": ""}, background=True)),
     (r"^python scripts/ai_completions\.py",
      Quick(args="--max-prompts 4 --max-tokens 16", env={"OPENAI_API_KEY": "unused-local-key"})),
     (r"^python scripts/generate_samples\.py", Quick(args="--end 8 --max-new-tokens 16")),
@@ -231,7 +256,7 @@ def placeholders(art) -> dict:
         r"http://127\.0\.0\.1:8000/v1": art["url"], r"\bURL\b": art["url"],
         r"/data/sg\.json": str(FIXTURES / "sharegpt.json"), r"/models/llama": "assets/tiny_model",
         r"\bRM_RUN_DIR\b": str(art["rm"]), r"\bRM_RUN\b": str(art["rm"]),
-        r"\bDPO_RUN\b": str(art["dpo"]), r"\bRUN_SFT\b": sft, r"\bSFT_RUN\b": sft,
+        r"\bDPO_RUN\b": str(art["dpo"]), r"\bIPO_RUN\b": str(art["dpo"]), r"\bRUN_SFT\b": sft, r"\bSFT_RUN\b": sft,
         r"\bRUN_A\b": sft, r"\bRUN_B\b": str(art["dpo"]), r"\bSWEEP_DIR\b": str(art["runs"]),
         r"\bEXPORTED_HF_DIR\b": str(art["hf"]), r"\bOUT_DIR\b": str(art["work"] / "hf_out"),
         r"\bCKPT\b": sft, r"\bSFT/": f"{sft}/", r"\bRUN/": f"{sft}/", r" \.\.\.$": "",
@@ -299,7 +324,8 @@ def _serve(shell, cwd, env):
     try:
         url = _served_url(server)
         models = json.loads(urllib.request.urlopen(f"{url}/models", timeout=60).read())
-        assert [m["id"] for m in models["data"]] == ["policy"]
+        names = re.findall(r"--model (\w+)=", shell)
+        assert [m["id"] for m in models["data"]] == names
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

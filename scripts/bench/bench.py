@@ -136,7 +136,7 @@ def run_ours(spec: dict) -> dict:
 def positions_per_forward(trainer, batch) -> int:
     """Token positions our forward really computes: packed rows, or the padded [2B, T] batch
     (chosen and rejected padded to one length; SFT [B, T])."""
-    packed = trainer.packed(batch)
+    packed = trainer.packed(batch, trainer.spec.paired)
     if packed is not None:
         return packed.input_ids.numel()
     masks = [k for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
