@@ -194,7 +194,7 @@ def test_ppo_resume_matches_an_uninterrupted_run(tmp_path, reward_run, train_run
               "loss.max_new_tokens=8"]
     whole = train_run(tmp_path / "a", *common, "n_examples=32")
     first = train_run(tmp_path / "b", *common, "n_examples=16")
-    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32", fast=[])
     assert resumed == first
     train_rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
     a, b = train_rows(whole), train_rows(resumed)
@@ -314,7 +314,7 @@ def test_lora_ppo_resumes_exports_and_evaluates(tmp_path, reward_run, train_run)
               "loss.max_new_tokens=8", f"model.archive={tmp_path / 'sft.pt'}"]
     whole = train_run(tmp_path / "a", *common, "n_examples=32", "export_hf=true")
     first = train_run(tmp_path / "b", *common, "n_examples=16")
-    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32")
+    resumed = train_run(tmp_path / "c", f"resume={first}", "n_examples=32", fast=[])
     rows = lambda d: [r for r in read_metrics(d / "metrics.jsonl") if "loss/policy" in r]  # noqa
     a, b = rows(whole), rows(resumed)
     assert [r["step"] for r in b] == [16, 32]

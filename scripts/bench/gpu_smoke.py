@@ -3,7 +3,7 @@
     python scripts/bench/gpu_smoke.py --spec '{"model": "tiny", "paths": ["env", ...], ...}'
 
 Each path builds what train.py builds (the config composed as scripts/bench/bench.py composes it,
-the harness's loaders, BasicTrainer or PPOTrainer) and checks it; the training paths and their
+the harness's loaders, BasicTrainer or the rollout loop) and checks it; the training paths and their
 checks (log-probs vs the plain path, gradients vs a twin path, finite losses, peak memory) are
 in scripts/bench/gpu_smoke_train.py. Here: the environment, the static-cache sampler, one PPO
 rollout + update, and the worker. Progress goes to spec["progress"] as JSON lines:
@@ -106,7 +106,7 @@ def ppo_path(ctx: Context) -> dict:
     import train
     from harness.models.modeling import load_model
     from harness.parallel.parallelize import single_process_device_map
-    from harness.rl.ppo import PPOTrainer
+    from harness.rl.loop import RolloutLoop
     dtype, batch = ctx.spec["ppo_dtype"], ctx.spec["batch_size"]
     mem = Memory(ctx.device)
     mem.reset_peak()
@@ -124,12 +124,12 @@ def ppo_path(ctx: Context) -> dict:
     policy, reference = (load_model(ctx.model_dir, dtype, device_map=device_map)
                          for _ in range(2))
     os.makedirs(cfg.local_run_dir, exist_ok=True)
-    trainer = PPOTrainer(policy, ctx.tokenizer, cfg, cfg.local_run_dir, reference)
+    trainer = RolloutLoop(policy, ctx.tokenizer, cfg, cfg.local_run_dir, reference)  # PPO's
     examples = next(trainer.prompt_batches(0, 0))
     mem.start_steps()
     synchronize(ctx.device)
     start = time.perf_counter()
-    stats = trainer.ppo_step(examples)  # raises TrainingDiverged on a non-finite statistic
+    stats = trainer.step(examples)  # raises TrainingDiverged on a non-finite statistic
     synchronize(ctx.device)
     tol = RATIO_TOL[dtype]
     figures.update({"ppo_step_s": round(time.perf_counter() - start, 3), "dtype": dtype,
