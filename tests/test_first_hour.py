@@ -102,8 +102,9 @@ def test_health_guard_stops_on_the_named_statistic(compose):
     guard, state = HealthGuard(compose("health.max_grad_norm=100")), TrainState()
     guard.check_step(state, 2.0, 1.0)
     assert state.first_loss == 2.0
+    guard.check_step(state, 25.0, 1.0)  # one hard batch at 12x the first loss: the average 4.3
     for loss, norm, message in [(math.nan, 1.0, "loss/train=nan is not finite"),
-                                (25.0, 1.0, r"max_loss_ratio=10.0 x the first step's loss 2"),
+                                (500.0, 1.0, r"max_loss_ratio=10.0 x the first step's loss 2"),
                                 (2.0, math.inf, "grad_norm=inf is not finite"),
                                 (2.0, 500.0, r"grad_norm=500 > health.max_grad_norm=100")]:
         with pytest.raises(TrainingDiverged, match=message):

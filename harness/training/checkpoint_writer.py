@@ -28,6 +28,7 @@ class TrainState:
     last_save: int = -1         # example count of the newest checkpoint
     last_eval: int = -1         # example count of the newest evaluation
     first_loss: float | None = None  # the run's first training loss (health.max_loss_ratio)
+    loss_ema: float | None = None    # its moving average since (health.max_loss_ratio)
 
 
 class CheckpointWriter:

@@ -7,8 +7,8 @@ checkpoint.
     guard.check_weights(model, state)              # before a checkpoint is written
 
 A step stops the run (TrainingDiverged) when its training loss or its gradient norm (before
-clipping) is not finite, when the loss exceeds health.max_loss or health.max_loss_ratio times
-the run's first training loss (kept in the loop's state, so a resumed run keeps the same
+clipping) is not finite, when the loss exceeds health.max_loss or its moving average exceeds
+health.max_loss_ratio times the run's first training loss (kept in the loop's state, so a resumed run keeps the same
 limit), or when the gradient norm exceeds health.max_grad_norm; weights are checked for NaN /
 inf before every save. The values it checks are the same on every rank (reduced), so all ranks
 stop together. Both loops can hold one: the offline loop (trainers.py) and the rollout loop.
@@ -42,7 +42,10 @@ class HealthGuard:
 
     def check_step(self, state, loss: float | None, grad_norm: float):
         """Raise TrainingDiverged if this step's (reduced) loss or gradient norm is bad; the
-        first finite loss of the run is recorded in state.first_loss."""
+        first finite loss of the run is recorded in state.first_loss. max_loss_ratio reads a
+        moving average of the loss (weight 0.1 per step, state.loss_ema): one hard batch may
+        cost ten times the first loss (IPO at beta 1 starts at 0.25 and meets batches at 8), a
+        loss that keeps climbing may not."""
         if loss is not None:
             if not math.isfinite(loss):
                 self._stop(state, f"loss/train={loss} is not finite")
@@ -50,10 +53,14 @@ class HealthGuard:
                 self._stop(state, f"loss/train={loss:.4g} > health.max_loss={self.max_loss}")
             first = getattr(state, "first_loss", None)
             if first is None:
-                state.first_loss = loss
-            elif self.max_loss_ratio and first > 0 and loss > self.max_loss_ratio * first:
-                self._stop(state, f"loss/train={loss:.4g} > health.max_loss_ratio="
-                           f"{self.max_loss_ratio} x the first step's loss {first:.4g}")
+                state.first_loss = state.loss_ema = loss
+            else:
+                ema = 0.9 * (state.loss_ema if state.loss_ema is not None else first) + 0.1 * loss
+                if self.max_loss_ratio and first > 0 and ema > self.max_loss_ratio * first:
+                    self._stop(state, f"loss/train={loss:.4g}, its moving average {ema:.4g} > "
+                               f"health.max_loss_ratio={self.max_loss_ratio} x the first step's "
+                               f"loss {first:.4g}")
+                state.loss_ema = ema
         if not math.isfinite(grad_norm):
             self._stop(state, f"grad_norm={grad_norm} is not finite")
         if self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
