@@ -117,3 +117,15 @@ def test_bad_score_buckets_are_refused(compose, buckets, match):
     cfg = compose("loss=coh", f"+loss.score_buckets={buckets}".replace("None", "null"))
     with pytest.raises(ValueError, match=match):
         coh_settings(cfg)
+
+
+def test_train_py_check_knows_the_conversational_loaders_before_anything_imports_them():
+    """train.py checks datasets= before it imports the data pipeline: trl and ultrafeedback
+    must be known there (they were 'unknown dataset' on the command line)."""
+    import subprocess
+    import sys
+    code = ("from harness.data.sources import check_spec; check_spec('ultrafeedback'); "
+            "check_spec('trl:tests/fixtures/trl/sft.jsonl'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -105,7 +105,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
 
     def boom(_dir):
         raise RuntimeError("disk full")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(checkpoints.CheckpointWriteError, match="disk full.*LATEST still points"):
         checkpoints.save_checkpoint(tmp_path, "step-2", 2, {}, state, {}, {}, {"x": 2}, boom)
     assert not (tmp_path / "step-2").exists()
     assert (tmp_path / "LATEST").resolve() == (tmp_path / "step-1").resolve()

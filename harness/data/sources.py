@@ -47,6 +47,15 @@ def _in_split(key: str, split: str) -> bool:
 
 # loaders that read nothing from disk: a PATH given to them is a mistake
 TAKES_NO_PATH = {"toy"}
+# loaders other modules register, imported by name when a name is not found (the table stays a
+# leaf; train.py's early check knows `datasets=[ultrafeedback]` before anything imported them)
+MORE_LOADERS = ("harness.data.conversational",)
+
+
+def known_dataset(name: str) -> bool:
+    for module in MORE_LOADERS if name not in DATASETS else ():
+        __import__(module)
+    return name in DATASETS
 
 
 def check_spec(spec: str):
@@ -54,7 +63,7 @@ def check_spec(spec: str):
     a near match when not), a path only for loaders that read one, and one that exists."""
     import difflib
     name, _, path = spec.partition(":")
-    if name not in DATASETS:
+    if not known_dataset(name):
         close = difflib.get_close_matches(name, DATASETS, n=1)
         raise ValueError(f"unknown dataset {spec!r} in datasets=; "
                          f"{f'did you mean {close[0]!r}? ' if close else ''}registered: "
