@@ -68,3 +68,18 @@ def run_bench_script(cwd, *args, script="bench.py") -> list[dict]:
 @pytest.fixture(scope="session")
 def run_bench():
     return run_bench_script
+
+
+# The suite runs on xdist workers, a file per worker at a time (README: -n 2 --dist loadfile),
+# handed out in collection order; the longest files go first so that none of them starts
+# last and runs alone at the end (longest-first scheduling). Order within a file is kept.
+LONGEST_FIRST = ("test_readme.py", "test_sweeps.py", "test_first_hour.py", "test_crash_safety.py",
+                 "test_gpu_check.py", "test_online_rl.py", "test_reward_ppo.py",
+                 "test_invariants.py", "test_real_model.py", "test_distributed.py",
+                 "test_online_rl_distributed.py", "test_bench.py", "test_coh_train.py",
+                 "test_train.py", "test_ppo_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

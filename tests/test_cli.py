@@ -44,6 +44,7 @@ def test_default_run(tmp_path):
     assert "win rate of the trained policy over its start" in out.stdout
 
 
+@pytest.mark.long
 def test_the_default_run_aligns_beyond_the_intervals(tmp_path):
     """`python train.py` exactly as the README's first command: the trained model's gold reward
     beats the base model's beyond both 95% intervals (final_eval.json, curves.png)."""

@@ -186,6 +186,7 @@ def test_a_benchmark_over_budget_is_stopped_and_the_deadline_skips_the_rest(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_dry_run_end_to_end(tmp_path):
     """The whole check on the CPU with the tiny presets: every step passes, the JSON lines and
     the table hold every step's figures (about 6 minutes on 2 busy cores)."""

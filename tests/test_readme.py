@@ -160,7 +160,8 @@ RULES = [
                                              args="--n-prompts 6 --max-new-tokens 12")),
     (r"^python scripts/export_hf\.py", Quick()),
     (r"^python scripts/summarize_runs\.py", Quick()),
-    (r"^bash scripts/sweeps/frontier\.sh --quick", Covered("tests/test_sweeps.py::test_quick_frontier")),
+    (r"^bash scripts/sweeps/frontier\.sh --quick",
+     Covered("tests/test_sweeps.py::test_quick_frontier (the long tier)")),
     (r"^bash scripts/sweeps/frontier\.sh", Needs("time: the full frontier takes minutes and "
                                                  "rewrites docs/frontier.*; --quick runs its code")),
     (r"^bash scripts/toy_rlhf\.sh --quick", Quick(args="local_dirs=[{work}/rlhf]")),
@@ -297,7 +298,12 @@ COMMANDS = readme_commands()
 DURATIONS = {}
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[c[:70] for c in COMMANDS])
+# the two demos take a minute and a half each even in their quick modes: the long tier
+LONG = re.compile(r"^bash scripts/(demo_rlaif\.sh|toy_rlhf\.sh --quick)")
+PARAMS = [pytest.param(c, marks=pytest.mark.long) if LONG.search(c) else c for c in COMMANDS]
+
+
+@pytest.mark.parametrize("command", PARAMS, ids=[c[:70] for c in COMMANDS])
 def test_readme_command_runs(command, work, tmp_path):
     rule = rule_for(command)
     if isinstance(rule, Needs):

@@ -78,6 +78,7 @@ def test_summarize_runs(tmp_path, capsys):
         collect(tmp_path / "dpo" / "a" / "step-64")
 
 
+@pytest.mark.long
 def test_quick_frontier(tmp_path):
     """bash scripts/sweeps/frontier.sh --quick: SFT, then each method from it, every checkpoint
     evaluated; DPO must beat SFT on gold reward."""
