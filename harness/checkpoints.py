@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from harness.run_dir import (COMPLETE, LATEST, fault_point, fsync_dir, hidden_name,
+from harness.run_dir import (COMPLETE, LATEST, fault_point, fsync_dir, hidden_name, point_latest,
                              locate_latest, remove_tree)
 
 SHARDED = "sharded"
@@ -152,7 +152,7 @@ def save_checkpoint(run_dir, name: str, step_idx: int, metrics: dict, policy_sta
         fsync_dir(run_dir)
         fault_point("save:renamed")
         if latest:
-            _point_latest(run_dir, name)
+            point_latest(run_dir, name)
             fault_point("save:latest")
     return final
 
@@ -173,7 +173,7 @@ def _replace_existing(run_dir: Path, name: str, tmp: Path, latest: bool):
     new copy first, then the old copy is retired, the new one renamed into place, LATEST
     pointed at it and the old copy deleted; harness.run_dir.recover completes any prefix."""
     if latest:
-        _point_latest(run_dir, tmp.name)
+        point_latest(run_dir, tmp.name)
         fault_point("resave:latest-tmp")
     old = run_dir / hidden_name(name, "old")
     os.replace(run_dir / name, old)
@@ -182,18 +182,9 @@ def _replace_existing(run_dir: Path, name: str, tmp: Path, latest: bool):
     fsync_dir(run_dir)
     fault_point("resave:renamed")
     if latest:
-        _point_latest(run_dir, name)
+        point_latest(run_dir, name)
         fault_point("resave:latest")
     remove_tree(old)
-
-
-def _point_latest(run_dir: Path, name: str):
-    link_tmp = run_dir / hidden_name(LATEST, "tmp")
-    if link_tmp.is_symlink() or link_tmp.exists():
-        link_tmp.unlink()
-    os.symlink(name, link_tmp)
-    os.replace(link_tmp, run_dir / LATEST)
-    fsync_dir(run_dir)
 
 
 def prune_checkpoints(run_dir, keep_last: int | None):

@@ -157,7 +157,8 @@ def _examples(ckpt: Path) -> int:
         return -1
 
 
-def _point(run_dir: Path, name: str):
+def point_latest(run_dir: Path, name: str):
+    """LATEST -> name, atomically (a new link under a hidden name renamed over it)."""
     tmp = run_dir / hidden_name(LATEST, "tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -196,7 +197,7 @@ def recover(run_dir) -> list[str]:
             remove_tree(p)
             done.append(f"removed the stale {p.name}")
     if latest is not None and os.path.realpath(run_dir / LATEST) != str(latest):
-        _point(run_dir, latest.name)
+        point_latest(run_dir, latest.name)
         done.append(f"LATEST -> {latest.name}")
     return done
 
