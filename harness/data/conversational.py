@@ -29,8 +29,6 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 
-import datasets
-
 from harness.data.dialogue import ASSISTANT, HUMAN, extract_prompt, messages_prompt, to_messages
 from harness.data.sources import SPECIAL_MARKERS, Records, in_test_split, read_json, register
 
@@ -257,6 +255,7 @@ def _local_rows(path: str, file_split: str):
             candidate = os.path.join(path, file_split + ext)
             if os.path.isfile(candidate):
                 if ext == ".parquet":
+                    import datasets  # lazy: a run without parquet or hub data needs none of it
                     return datasets.load_dataset("parquet", data_files=candidate, split="train"), False
                 rows = read_json(candidate)
                 return (rows if isinstance(rows, list) else [rows]), False
@@ -275,6 +274,7 @@ def read_rows(hub_or_path: str, split: str, file_split: str, cache_dir=None):
         return _local_rows(hub_or_path, file_split)
     if hub_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"local dataset path {hub_or_path!r} does not exist")
+    import datasets  # lazy: importing it (and pandas) costs ~2 s a process
     try:
         return datasets.load_dataset(hub_or_path, split=file_split, cache_dir=cache_dir), False
     except ValueError as e:  # the hub dataset has no such split
