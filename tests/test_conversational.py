@@ -61,6 +61,18 @@ def test_ultrafeedback_splits_scores_and_drops():
     assert not set(train) & set(test)
 
 
+def test_a_local_folder_of_parquet_files_reads_like_its_json(tmp_path):
+    """The hub ships UltraFeedback as parquet: the same rows as parquet files in a local folder
+    (read through datasets, imported only on this path) give the same records."""
+    import datasets
+    for split in ("train_prefs", "test_prefs"):
+        rows = datasets.load_dataset("json", data_files=str(FIX / "ultrafeedback" / f"{split}.jsonl"),
+                                     split="train")
+        rows.to_parquet(str(tmp_path / f"{split}.parquet"))
+    for split in ("train", "test"):
+        assert load(f"ultrafeedback:{tmp_path}", split) == load(UF, split)
+
+
 def test_a_source_with_nothing_usable_is_an_error_naming_the_reasons(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": [{"role": "robot", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}], "rejected": [{"role": "assistant", "content": "z"}]}\n')
