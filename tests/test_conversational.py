@@ -66,8 +66,8 @@ def test_a_local_folder_of_parquet_files_reads_like_its_json(tmp_path):
     (read through datasets, imported only on this path) give the same records."""
     import datasets
     for split in ("train_prefs", "test_prefs"):
-        rows = datasets.load_dataset("json", data_files=str(FIX / "ultrafeedback" / f"{split}.jsonl"),
-                                     split="train")
+        source = str(FIX / "ultrafeedback" / f"{split}.jsonl")
+        rows = datasets.load_dataset("json", data_files=source, split="train")
         rows.to_parquet(str(tmp_path / f"{split}.parquet"))
     for split in ("train", "test"):
         assert load(f"ultrafeedback:{tmp_path}", split) == load(UF, split)

@@ -256,7 +256,8 @@ def _local_rows(path: str, file_split: str):
             if os.path.isfile(candidate):
                 if ext == ".parquet":
                     import datasets  # lazy: a run without parquet or hub data needs none of it
-                    return datasets.load_dataset("parquet", data_files=candidate, split="train"), False
+                    rows = datasets.load_dataset("parquet", data_files=candidate, split="train")
+                    return rows, False
                 rows = read_json(candidate)
                 return (rows if isinstance(rows, list) else [rows]), False
         raise FileNotFoundError(f"{path}: no file for split {file_split!r} (looked for "
