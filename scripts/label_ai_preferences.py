@@ -49,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--verdict", choices=["text", "logprobs"], default="text",
                    help="read the verdict from the answer text or the answer token's logprobs")
     p.add_argument("--judge-max-tokens", type=int, default=8)
+    p.add_argument("--orders-disagree", choices=["tie", "mean"], default="tie",
+                   help="a pair whose two orders pick different winners: a tie (default), or "
+                        "decided by the mean of the two orders' probabilities (balanced position "
+                        "calibration, for logprob verdicts of a position-biased judge); results "
+                        "already judged are recombined, not asked again")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     add_client_args(p)  # key, organisation, project, headers, Azure, retries
     p.add_argument("--retry-failed", action="store_true",

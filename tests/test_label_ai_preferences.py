@@ -114,6 +114,34 @@ def test_failed_units_stay_failed_until_retried(tmp_path):
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 12  # append-only
 
 
+def test_mean_rule_recombines_judged_orders_without_asking_again(tmp_path):
+    """--orders-disagree mean (balanced position calibration) reads the judged results again:
+    a position-biased pair is decided by its mean, with no request (the endpoint is gone)."""
+    samples = write_samples(tmp_path / "s.jsonl", 4)
+    with running_server({"judge": toy_judge()}) as (_, url):
+        label([samples], tmp_path / "out", *llm_args(url, "--verdict", "logprobs"))
+    results = tmp_path / "out" / "results.jsonl"
+    records = [json.loads(x) for x in results.read_text().splitlines()]
+    pair = records[0]["pair"]
+    for r in records:  # a judge biased to the first answer, a little surer of output_2 there
+        if r["pair"] == pair:
+            r["p_output_2"] = 0.3 if r["unit"] == "ab" else 0.8
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = {}
+    for rule in ("tie", "mean"):
+        summary = label([samples], tmp_path / "out", *llm_args(url, "--verdict", "logprobs",
+                                                                "--orders-disagree", rule))
+        assert summary["this_run"] == {"done": 0, "failed": 0, "retries": 0}
+        annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
+        rows[rule] = {r["pair_id"]: r for r in annotations}
+    assert rows["tie"][pair]["preference"] == 1.5
+    assert rows["mean"][pair]["preference"] == pytest.approx(1.55)
+    assert rows["tie"][pair]["order_disagreement"] and rows["mean"][pair]["order_disagreement"]
+    others = [p for p in rows["tie"] if p != pair]
+    assert [rows["tie"][p]["preference"] for p in others] == \
+        [rows["mean"][p]["preference"] for p in others]
+
+
 def test_unmatched_prompts_are_reported_not_silently_matched(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     rows = [json.loads(x) for x in open(write_samples(tmp_path / "s.jsonl", 6))]

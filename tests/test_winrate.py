@@ -24,9 +24,22 @@ def test_combine_orders(p_first, p_swapped, expected):
     assert (pytest.approx(pref), disagreed) == expected
 
 
+@pytest.mark.parametrize("p_first, p_swapped, expected", [
+    (0.2, 0.9, (1.55, True)),     # biased to A in both orders, more sure of output_2 when it is A
+    (0.26, 0.76, (1.51, True)),   # a SmolLM2 judgment: 1 + 1.02 / 2
+    (1.0, 0.0, (1.5, True)),      # hard verdicts that disagree: still a tie
+    (0.8, 0.6, (1.7, False)),     # agreeing: the same as rule "tie"
+])
+def test_balanced_position_calibration_lets_the_mean_decide(p_first, p_swapped, expected):
+    pref, disagreed = combine_orders(p_first, p_swapped, "mean")
+    assert (pytest.approx(pref), disagreed) == expected
+
+
 def test_combine_orders_rejects_probabilities_outside_unit_interval():
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         combine_orders(1.2, 0.5)
+    with pytest.raises(ValueError, match="rule 'median'.*'tie', 'mean'"):
+        combine_orders(0.2, 0.5, "median")
 
 
 def test_win_rate_by_hand():

@@ -139,22 +139,32 @@ def verdict_from_logprobs(choice: dict, answers: tuple[str, str]) -> float:
 
 # ---------------------------------------------------------------- judges
 
-def combine_orders(p_first: float, p_swapped: float) -> tuple[float, bool]:
+DISAGREEMENT_RULES = ("tie", "mean")
+
+
+def combine_orders(p_first: float, p_swapped: float, rule: str = "tie") -> tuple[float, bool]:
     """(preference in [1, 2], disagreed) from two judgments of the same pair.
 
     p_first: P(output_2 is better) as judged with output_1 shown first.
     p_swapped: the same probability judged with the outputs shown in swapped order, already
         mapped back to output_2's side.
-    Position bias shows as the two orders picking different winners: such a pair is a tie
-    (1.5) and flagged, never resolved in favour of either order. Otherwise the preference is
-    1 + the mean of the two probabilities (a hard verdict gives exactly 1 or 2).
+    Position bias shows as the two orders picking different winners (flagged either way). Rule
+    "tie": such a pair is a tie (1.5), never resolved in favour of either order. Rule "mean"
+    (balanced position calibration, Wang et al. 2023, "Large Language Models are not Fair
+    Evaluators"): the mean decides even then, so a judge whose bias moves both orders' logprob
+    verdicts alike keeps what it tells apart; hard text verdicts that disagree still average
+    to exactly 1.5. Otherwise the preference is 1 + the mean of the two probabilities (a hard
+    verdict gives exactly 1 or 2).
     """
+    if rule not in DISAGREEMENT_RULES:
+        raise ValueError(f"order-disagreement rule {rule!r}: expected one of {DISAGREEMENT_RULES}")
     for p in (p_first, p_swapped):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"a judged probability must be in [0, 1], got {p}")
-    if (p_first - 0.5) * (p_swapped - 0.5) < 0:
+    disagreed = (p_first - 0.5) * (p_swapped - 0.5) < 0
+    if disagreed and rule == "tie":
         return 1.5, True
-    return 1.0 + (p_first + p_swapped) / 2, False
+    return 1.0 + (p_first + p_swapped) / 2, disagreed
 
 
 ORDERS = ("ab", "ba")  # ab: output_1 shown as A; ba: swapped
@@ -172,6 +182,7 @@ class LLMJudge:
         self.template = load_template(args.template)
         self.model, self.endpoint, self.verdict = args.judge_model, args.endpoint, args.verdict
         self.max_tokens = 1 if self.verdict == "logprobs" else args.judge_max_tokens
+        self.disagreement = args.orders_disagree  # how results combine, not what is asked
         self.client = client_from_args(args, args.judge_base_url)
         self.name = f"llm:{self.model}"
         self.config = {"judge": "llm", "model": self.model, "endpoint": self.endpoint,
@@ -209,7 +220,8 @@ class LLMJudge:
                 "prompt_tokens": usage[0], "completion_tokens": usage[1], "attempts": attempts}
 
     def combine(self, records: dict) -> tuple[float, bool]:
-        return combine_orders(records["ab"]["p_output_2"], records["ba"]["p_output_2"])
+        return combine_orders(records["ab"]["p_output_2"], records["ba"]["p_output_2"],
+                              self.disagreement)
 
 
 class ScoreJudge:

@@ -128,6 +128,7 @@ class JudgeScorer:
         args = SimpleNamespace(judge_base_url=s["base_url"], judge_model=s["model"],
                                template=s["template"], endpoint=s["endpoint"],
                                verdict=s["verdict"], judge_max_tokens=s["max_tokens"],
+                               orders_disagree="tie",
                                max_attempts=s["max_attempts"], timeout=s["timeout"],
                                backoff=s["backoff"], backoff_max=s["backoff_max"],
                                api_key_env=s["api_key_env"], organization=s["organization"],

@@ -99,7 +99,7 @@ class JudgedEval:
             template=o.template, endpoint=o.endpoint, verdict=o.verdict,
             judge_max_tokens=o.max_tokens, max_attempts=o.max_attempts, timeout=o.timeout,
             backoff=1.0, backoff_max=60.0, organization=None, project=None, header=None,
-            api_version=o.api_version, token_limit_param="auto")
+            api_version=o.api_version, token_limit_param="auto", orders_disagree="tie")
         self.options, self.judge = o, make_judge(o.judge, args)
         self.folder, self.seed, self.suffix = Path(run_dir) / "judge", seed, prompt_suffix
         self.reference: dict[str, str] | None = None
