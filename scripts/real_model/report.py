@@ -42,13 +42,23 @@ def steering(out: Path, rows: list[dict]) -> dict:
                                                 > control["gold"] + control["gold_ci95"])}
 
 
+def first_shown_rate(results: Path) -> float | None:
+    """How often the judge picked the answer shown first (0.5: no position bias)."""
+    units = [json.loads(x) for x in results.read_text().splitlines()]
+    # p_output_2 is mapped back to output_2's side; in order "ba" output_2 is shown first
+    picks = [(r["p_output_2"] < 0.5) if r["unit"] == "ab" else (r["p_output_2"] > 0.5)
+             for r in units if r.get("status") == "ok" and r["p_output_2"] != 0.5]
+    return sum(picks) / len(picks) if picks else None
+
+
 def judge_agreement(out: Path) -> dict:
     """The LLM judge's labels against the gold reward's on the same pairs (both decisive)."""
     ai = out / "ai_feedback"
-    llm = {r["id"]: r for r in json.loads((ai / "labels" / "annotations.json").read_text())}
-    gold = {r["id"]: r for r in json.loads((ai / "gold_labels" / "annotations.json").read_text())}
+    read = lambda d: {r["pair_id"]: float(r["preference"])  # noqa: E731
+                      for r in json.loads((ai / d / "annotations.json").read_text())}
+    llm, gold = read("labels"), read("gold_labels")
     sign = lambda p: None if p is None or p == 1.5 else p > 1.5  # noqa: E731  True: output_2
-    both = [(sign(llm[i]["preference"]), sign(gold[i]["preference"])) for i in llm if i in gold]
+    both = [(sign(llm[i]), sign(gold[i])) for i in llm if i in gold]
     decisive = [(a, g) for a, g in both if a is not None and g is not None]
     agree, ci = mean_ci([float(a == g) for a, g in decisive]) if len(decisive) > 1 else (None, None)
     summary = json.loads((ai / "labels" / "summary.json").read_text())
@@ -57,6 +67,7 @@ def judge_agreement(out: Path) -> dict:
             "agreement_ci95": ci, "llm_ties": sum(a is None for a, _ in both),
             "gold_ties": sum(g is None for _, g in both),
             "order_disagreements": summary.get("order_disagreements"),
+            "first_shown_rate": first_shown_rate(ai / "labels" / "results.jsonl"),
             "dpo_on_ai_labels": {k: dpo[k] for k in ("gold_reward", "gold_reward_ci95", "kl",
                                                      "kl_ci95", "win_rate", "n_prompts")}}
 
@@ -65,6 +76,7 @@ def extra_markdown(s: dict, j: dict) -> str:
     f = lambda pair: "n/a" if not pair else f"{pair[0]:.3f} +- {pair[1]:.3f}"  # noqa: E731
     agree = "n/a" if j["agreement"] is None else f"{j['agreement']:.3f} +- {j['agreement_ci95']:.3f}"
     d = j["dpo_on_ai_labels"]
+    first = "n/a" if j["first_shown_rate"] is None else f"{j['first_shown_rate']:.3f}"
     return "\n".join([
         "", "## Chain of Hindsight reads its feedback phrase", "",
         f"- CoH sampled after \" A helpful answer:\": gold {f(s['positive'])}; after "
@@ -75,7 +87,10 @@ def extra_markdown(s: dict, j: dict) -> str:
         f"{', and better beyond the intervals' if s['coh_beats_control_beyond_ci'] else ''}",
         "", "## A real LLM judge: the released SmolLM2 served by scripts/serve.py", "",
         f"- {j['pairs']} pairs of SFT samples judged in both orders (logprob verdicts, toy "
-        f"template); {j['order_disagreements']} pairs where the two orders disagreed (ties)",
+        f"template); in {j['order_disagreements']} pairs the two orders picked different winners; "
+        f"the answer shown first was picked in {first} of the judgments (0.5: no position bias)",
+        "- a disagreement is decided by the mean of the two orders' probabilities (balanced "
+        "position calibration, `--orders-disagree mean`)",
         f"- agreement with the gold reward on the {j['decisive_both']} pairs both call decisive: "
         f"{agree} (chance: 0.5)",
         f"- DPO (beta 0.1) on the judge's labels: gold {d['gold_reward']:.3f} +- "

@@ -38,7 +38,8 @@ def collect_rows(sweep: Path) -> list[dict]:
     if not base_file.exists() or len(sft_runs) != 1 or not latest_evaluation(sft_runs[0]):
         raise FileNotFoundError(f"{sweep}/sft must hold one evaluated SFT run and "
                                 "base_model_eval.json: run scripts/sweeps/frontier.sh first")
-    rows = [_row("base", {}, json.loads(base_file.read_text()), "assets/tiny_model"),
+    base = json.loads(base_file.read_text())
+    rows = [_row("base", {}, base, base.get("checkpoint", "assets/tiny_model")),
             _row("sft", {}, latest_evaluation(sft_runs[0]), str(sft_runs[0].relative_to(sweep)))]
     for folder in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "sft"):
         runs = [r for r in find_runs(folder) if latest_evaluation(r)]
