@@ -64,7 +64,7 @@ def test_report_reads_results_sh_layout(results, tmp_path):
     md = tmp_path / "docs" / "real_model.md"
     md.parent.mkdir()
     got = report.main([str(results), "--md", str(md), "--png", str(md.with_suffix(".png")),
-                       "--seconds", "600"])
+                       "--seconds", "600", "--reused", "sft dpo"])
     coh, judge = got["coh"], got["judge"]
     assert coh["positive_beats_negative_beyond_ci"]  # 0.30 - 0.05 > 0.10 + 0.05
     assert coh["coh_beats_control_beyond_ci"] and coh["coh_at_least_control"]
@@ -76,5 +76,7 @@ def test_report_reads_results_sh_layout(results, tmp_path):
     text = md.read_text()
     assert "| base |" in text and "packaged:smollm2_135m" in text  # the base row names its model
     assert "beyond the 95% intervals" in text and "0.875" in text
+    assert "10 minutes for this invocation, which reused the training runs of an earlier one " \
+        "(sft dpo)" in text
     saved = json.loads(md.with_suffix(".json").read_text())
     assert saved["seconds"] == 600 and md.with_suffix(".png").stat().st_size > 0

@@ -106,14 +106,19 @@ def main(argv=None) -> dict:
     p.add_argument("--mode", default="full")
     p.add_argument("--seconds", type=int, help="wall clock of the whole pipeline")
     p.add_argument("--settings", default="")
+    p.add_argument("--reused", default="", help="training runs results.sh --reuse kept")
     args = p.parse_args(argv)
     out = Path(args.out)
     rows = collect_rows(out)
     v = verdicts(rows)
     s, j = steering(out, rows), judge_agreement(out)
     title = "SmolLM2-135M-Instruct on the toy task (its ChatML template), CPU"
+    minutes = f", {args.seconds / 60:.0f} minutes" if args.seconds else ""
+    if args.reused:
+        minutes += (f" for this invocation, which reused the training runs of an earlier one "
+                    f"({args.reused})")
     settings = (f"Made by `bash scripts/real_model/results.sh{'' if args.mode == 'full' else ' --' + args.mode}`"
-                f" ({args.mode} mode{f', {args.seconds / 60:.0f} minutes' if args.seconds else ''}); "
+                f" ({args.mode} mode{minutes}); "
                 f"{args.settings}. The base row is the released SmolLM2-135M-Instruct.")
     text = markdown(rows, v, title, settings) + extra_markdown(s, j)
     atomic_write_text(args.md, text)

@@ -25,6 +25,7 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 MODE=full
 REUSE=""
+REUSED=""
 OUT=""
 OUT_GIVEN=""
 while [ $# -gt 0 ]; do
@@ -74,6 +75,7 @@ train() {  # train METHOD_DIR OVERRIDES...: a fresh METHOD_DIR, unless --reuse f
   local settings="$COMMON $*"  # its archive path names the SFT run: a new SFT retrains all
   if [ -n "$REUSE" ] && [ "$(cat "$dir/settings.txt" 2>/dev/null)" = "$settings" ]; then
     echo "reusing $dir (--reuse: same settings as its last run)"
+    REUSED="$REUSED ${dir#"$OUT"/}"
     return
   fi
   rm -rf "$dir" && mkdir -p "$dir"
@@ -151,6 +153,6 @@ echo "all done after $(( $(date +%s) - START )) s"
 REPORT=$OUT
 [ "$MODE" = full ] && [ -z "$OUT_GIVEN" ] && REPORT=docs
 $PY scripts/real_model/report.py "$OUT" --md "$REPORT/real_model.md" --png "$REPORT/real_model.png" \
-  --mode "$MODE" --seconds $(( $(date +%s) - START )) --settings "N_SFT=$N_SFT N_PREF=$N_PREF \
+  --mode "$MODE" --seconds $(( $(date +%s) - START )) --reused "${REUSED# }" --settings "N_SFT=$N_SFT N_PREF=$N_PREF \
 N_PPO=$N_PPO N_EVAL=$N_EVAL N_JUDGE=$N_JUDGE NEW_TOKENS=$NEW_TOKENS BETAS_DPO=$BETAS_DPO; every \
 run: $COMMON; preference runs: $PREF"
