@@ -154,7 +154,8 @@ def main(argv=None):
     atomic_write_text(out / "summary.json", json.dumps(finite_or_null(summary), indent=1,
                                                        ensure_ascii=False, allow_nan=False))
     plot_summary(rate, out / "summary.png")
-    print(f"{rate}; order disagreements (ties): {counts['disagreements']}; tokens "
+    settled = "decided by the mean" if args.orders_disagree == "mean" else "ties"
+    print(f"{rate}; order disagreements ({settled}): {counts['disagreements']}; tokens "
           f"{usage['prompt_tokens']} in / {usage['completion_tokens']} out, cost ${usage['cost_usd']}")
     for item in counts["failed_items"][:20]:
         print(f"FAILED {item['pair_id']}: {item['last_error'][:150]}")

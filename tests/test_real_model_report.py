@@ -75,7 +75,7 @@ def test_report_reads_results_sh_layout(results, tmp_path):
     assert judge["dpo_on_ai_labels"]["gold_reward"] == 0.25
     text = md.read_text()
     assert "| base |" in text and "packaged:smollm2_135m" in text  # the base row names its model
-    assert "beyond the 95% intervals" in text and "0.875" in text
+    assert "CoH better beyond the 95% intervals" in text and "0.875" in text
     assert "10 minutes for this invocation, which reused the training runs of an earlier one " \
         "(sft dpo)" in text
     saved = json.loads(md.with_suffix(".json").read_text())

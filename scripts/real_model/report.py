@@ -72,19 +72,28 @@ def judge_agreement(out: Path) -> dict:
                                                      "kl_ci95", "win_rate", "n_prompts")}}
 
 
+def control_verdict(s: dict) -> str:
+    if s["coh_beats_control_beyond_ci"]:
+        return "better beyond the 95% intervals"
+    if not s["coh_at_least_control"]:
+        return "WORSE beyond the 95% intervals"
+    higher = s["coh"] and s["sft_continued"] and s["coh"][0] >= s["sft_continued"][0]
+    return ("no different within the 95% intervals (at least as good; its mean is "
+            f"{'higher' if higher else 'lower'})")
+
+
 def extra_markdown(s: dict, j: dict) -> str:
     f = lambda pair: "n/a" if not pair else f"{pair[0]:.3f} +- {pair[1]:.3f}"  # noqa: E731
     agree = "n/a" if j["agreement"] is None else f"{j['agreement']:.3f} +- {j['agreement_ci95']:.3f}"
     d = j["dpo_on_ai_labels"]
     first = "n/a" if j["first_shown_rate"] is None else f"{j['first_shown_rate']:.3f}"
     return "\n".join([
-        "", "## Chain of Hindsight reads its feedback phrase", "",
+        "", "## Does Chain of Hindsight read its feedback phrase?", "",
         f"- CoH sampled after \" A helpful answer:\": gold {f(s['positive'])}; after "
         f"\" An unhelpful answer:\": {f(s['negative'])} "
         f"({'beyond' if s['positive_beats_negative_beyond_ci'] else 'NOT beyond'} the 95% intervals)",
         f"- CoH {f(s['coh'])} vs SFT continued on the same examples {f(s['sft_continued'])}: "
-        f"CoH {'at least as good (intervals overlap or above)' if s['coh_at_least_control'] else 'WORSE'}"
-        f"{', and better beyond the intervals' if s['coh_beats_control_beyond_ci'] else ''}",
+        f"CoH {control_verdict(s)}",
         "", "## A real LLM judge: the released SmolLM2 served by scripts/serve.py", "",
         f"- {j['pairs']} pairs of SFT samples judged in both orders (logprob verdicts, toy "
         f"template); in {j['order_disagreements']} pairs the two orders picked different winners; "
