@@ -43,13 +43,14 @@ def results(tmp_path):
     write_json(out / "steering" / "coh_positive.json", evaluation(0.30))
     write_json(out / "steering" / "coh_negative.json", evaluation(0.10))
     ai = out / "ai_feedback"
-    # 4 pairs; gold: output_2, output_1, output_2, tie. The judge: right, wrong, right, and a
-    # tie on pair d; it picked the first-shown answer in 7 of its 8 judgments
-    gold = {"a": 2.0, "b": 1.0, "c": 2.0, "d": 1.5}
-    llm = {"a": 1.55, "b": 1.6, "c": 1.7, "d": 1.5}
+    # 5 pairs; gold: output_2, output_1, output_2, tie, output_1. The judge: right, wrong,
+    # right, a tie on pair d, and pair e failed (null); it picked the first-shown answer in 7
+    # of its 8 judgments
+    gold = {"a": 2.0, "b": 1.0, "c": 2.0, "d": 1.5, "e": 1.0}
+    llm = {"a": 1.55, "b": 1.6, "c": 1.7, "d": 1.5, "e": None}
     for folder, prefs in (("labels", llm), ("gold_labels", gold)):
         write_json(ai / folder / "annotations.json",
-                   [{"pair_id": k, "preference": str(v)} for k, v in prefs.items()])
+                   [{"pair_id": k, "preference": v} for k, v in prefs.items()])
     # (unit, p_output_2): "ab" shows output_1 first, "ba" output_2
     units = {"a": (0.3, 0.8), "b": (0.4, 0.8), "c": (0.6, 0.8), "d": (0.2, 0.8)}
     (ai / "labels" / "results.jsonl").write_text("".join(
@@ -68,7 +69,8 @@ def test_report_reads_results_sh_layout(results, tmp_path):
     coh, judge = got["coh"], got["judge"]
     assert coh["positive_beats_negative_beyond_ci"]  # 0.30 - 0.05 > 0.10 + 0.05
     assert coh["coh_beats_control_beyond_ci"] and coh["coh_at_least_control"]
-    assert judge["pairs"] == 4 and judge["decisive_both"] == 3 and judge["gold_ties"] == 1
+    assert judge["pairs"] == 5 and judge["decisive_both"] == 3 and judge["gold_ties"] == 1
+    assert judge["llm_ties"] == 2  # the tie and the failed pair
     assert judge["agreement"] == pytest.approx(2 / 3)
     # first shown picked: ab of a, b, d (p < 0.5) and all four ba (p > 0.5)
     assert judge["first_shown_rate"] == pytest.approx(7 / 8)

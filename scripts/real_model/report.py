@@ -54,7 +54,7 @@ def first_shown_rate(results: Path) -> float | None:
 def judge_agreement(out: Path) -> dict:
     """The LLM judge's labels against the gold reward's on the same pairs (both decisive)."""
     ai = out / "ai_feedback"
-    read = lambda d: {r["pair_id"]: float(r["preference"])  # noqa: E731
+    read = lambda d: {r["pair_id"]: r["preference"]  # noqa: E731  null: a failed pair
                       for r in json.loads((ai / d / "annotations.json").read_text())}
     llm, gold = read("labels"), read("gold_labels")
     sign = lambda p: None if p is None or p == 1.5 else p > 1.5  # noqa: E731  True: output_2
@@ -77,7 +77,7 @@ def control_verdict(s: dict) -> str:
         return "better beyond the 95% intervals"
     if not s["coh_at_least_control"]:
         return "WORSE beyond the 95% intervals"
-    higher = s["coh"] and s["sft_continued"] and s["coh"][0] >= s["sft_continued"][0]
+    higher = s["coh"][0] >= s["sft_continued"][0]  # both exist: coh_at_least_control holds
     return ("no different within the 95% intervals (at least as good; its mean is "
             f"{'higher' if higher else 'lower'})")
 
