@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.checkpoints import atomic_write_text  # noqa: E402
-from harness.feedback.judges import JUDGES, make_judge  # noqa: E402
+from harness.feedback.judges import DISAGREEMENT_RULES, JUDGES, make_judge  # noqa: E402
 from harness.feedback.openai_client import GaveUp, add_client_args, default_key_env  # noqa: E402
 from harness.feedback.results_log import FAILED, ResultsLog, fingerprint, run_resumable  # noqa: E402
 from harness.feedback.sample_files import make_pairs, read_samples  # noqa: E402
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--verdict", choices=["text", "logprobs"], default="text",
                    help="read the verdict from the answer text or the answer token's logprobs")
     p.add_argument("--judge-max-tokens", type=int, default=8)
-    p.add_argument("--orders-disagree", choices=["tie", "mean"], default="tie",
+    p.add_argument("--orders-disagree", choices=DISAGREEMENT_RULES, default="tie",
                    help="a pair whose two orders pick different winners: a tie (default), or "
                         "decided by the mean of the two orders' probabilities (balanced position "
                         "calibration, for logprob verdicts of a position-biased judge); results "

@@ -70,10 +70,13 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "real-model results ($MODE) -> $OUT"
 START=$(date +%s)
+reusable() {  # reusable DIR SETTINGS: --reuse, and DIR's last run finished with SETTINGS
+  [ -n "$REUSE" ] && [ "$(cat "$1/settings.txt" 2>/dev/null)" = "$2" ]
+}
 train() {  # train METHOD_DIR OVERRIDES...: a fresh METHOD_DIR, unless --reuse finds it done
   local dir="$1"; shift
   local settings="$COMMON $*"  # its archive path names the SFT run: a new SFT retrains all
-  if [ -n "$REUSE" ] && [ "$(cat "$dir/settings.txt" 2>/dev/null)" = "$settings" ]; then
+  if reusable "$dir" "$settings"; then
     echo "reusing $dir (--reuse: same settings as its last run)"
     REUSED="$REUSED ${dir#"$OUT"/}"
     return
@@ -125,7 +128,7 @@ echo "evaluation done after $(( $(date +%s) - START )) s"
 # ---- AI feedback: the released SmolLM2 as an LLM judge ------------------------------------
 AI="$OUT/ai_feedback"
 AI_SETTINGS="$SFT $N_JUDGE $NEW_TOKENS"
-if [ -z "$REUSE" ] || [ "$(cat "$AI/settings.txt" 2>/dev/null)" != "$AI_SETTINGS" ]; then
+if ! reusable "$AI" "$AI_SETTINGS"; then
   rm -rf "$AI" && mkdir -p "$AI"
   $PY scripts/generate_samples.py "$SFT" --prompts toy --split train --end "$N_JUDGE" \
     --n-samples 2 --max-new-tokens "$NEW_TOKENS" --out "$AI/samples.jsonl"
